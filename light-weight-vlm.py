@@ -1,0 +1,924 @@
+"""
+light-weight-vlm: distil a CLIP + DistilBERT teacher into a tiny CNN + LSTM student that
+reads a MedPix 2.0 image and its caption and predicts the scan modality (CT / MR) and the
+body-location category.
+
+Run every stage on built-in synthetic data (no download, about a minute on 2 CPU cores):
+    python light-weight-vlm.py --demo
+Run on MedPix 2.0 (layout: DATA_ROOT/images/*.png, DATA_ROOT/splitted_dataset/*.jsonl):
+    python light-weight-vlm.py --DATA_ROOT ../shared/medpix/MedPix-2-0
+Any constant in the CONFIG block can be overridden on the command line by its own name:
+    python light-weight-vlm.py --EPOCHS 3 --VISION_TEACHER None --TEXT_TEACHER path/to/bert
+Stages: data -> teacher features (cached) -> teacher heads -> distillation -> pruning and
+int8 quantization -> evaluation. Outputs: logs/training_log.csv, logs/confusion_*_epoch_<n>.csv,
+results/lightweight_vlm.pth, results/lightweight_vlm_int8.pt, results/metrics.json.
+"""
+
+import argparse
+import ast
+import csv
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+import warnings
+from collections import Counter
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Callable
+
+import jsonlines
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFilter
+from sklearn.decomposition import PCA
+from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+from torch import nn
+from torch.nn.utils import prune
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+# -----------------------------------------------------------------------------
+# CONFIG: every constant can be overridden on the command line, e.g. --EPOCHS 3
+# data and outputs
+DATA_ROOT = "data/MedPix-2-0"  # MedPix 2.0 layout: images/<image>.png, splitted_dataset/*.jsonl
+CACHE_DIR = "cache"  # decoded images and teacher features, keyed by content and settings
+LOG_DIR = "logs"  # training_log.csv and per-epoch confusion matrices
+RESULTS_DIR = "results"  # model files and metrics.json
+IMAGE_SIZE = 112  # every image is decoded once and resized to IMAGE_SIZE x IMAGE_SIZE
+MAX_TOKENS = 128  # input text (History + Caption) is truncated to this many tokens
+# teacher: frozen backbones, features computed once per sample; small heads trained on them
+VISION_TEACHER = "openai/clip-vit-base-patch32"  # hub id or local folder; None: no vision tower
+TEXT_TEACHER = "distilbert/distilbert-base-uncased"  # hub id or local folder; None: no text tower
+TOKENIZER = None  # the student's tokenizer (hub id or folder); None: TEXT_TEACHER's
+TEACHER_BATCH_SIZE = 64  # batch size of the backbones' feature pass
+HEAD_HIDDEN = 256  # hidden width of the teacher's heads
+HEAD_EPOCHS = 300  # full-batch epochs of head training at most ...
+HEAD_PATIENCE = 30  # ... stopped early when dev mean macro-F1 has not improved for this many
+HEAD_LR = 1e-3
+# student
+CNN_CHANNELS = (16, 32, 64, 128, 256)  # one conv-BN-ReLU-maxpool block per width
+EMBED_DIM = 64  # token embedding width (PCA of the teacher's embeddings when tokenizers match)
+LSTM_HIDDEN = 96  # per direction; the text vector is the masked mean of both directions
+FUSION_DIM = 256  # width of the fused image + text layer in front of the two heads
+DROPOUT = 0.2
+TEXT_DROPOUT = 0.3  # fraction of training samples whose whole text is removed
+# distillation: loss = (1 - KD_ALPHA) * CE + KD_ALPHA * T^2 * KL, per task
+KD_ALPHA = 0.5
+KD_TEMPERATURE = 4.0
+LABEL_SMOOTHING = 0.1
+# training
+EPOCHS = 20
+BATCH_SIZE = 32
+GRAD_ACCUM_STEPS = 1  # optimizer step every this many batches
+LR = 2e-3  # peak learning rate of AdamW, after linear warm-up, then cosine decay
+WEIGHT_DECAY = 0.05
+WARMUP_EPOCHS = 1
+GRAD_CLIP = 1.0  # max global gradient norm
+FREEZE_EPOCHS = 5  # the student's token embedding is frozen for this many epochs
+# compression
+PRUNE_AMOUNT = 0.3  # fraction of conv and linear weights zeroed by global L1 magnitude
+PRUNE_FINETUNE_EPOCHS = 2  # recovery fine-tune with the pruning masks applied
+PRUNE_LR = 2e-4
+# system
+DEVICE = "auto"  # auto: cuda when available, else cpu
+SEED = 1337
+# --demo replaces these: synthetic data in the MedPix layout and tiny teachers built from config
+DEMO = dict(
+    DATA_ROOT="cache/demo/MedPix-2-0",
+    VISION_TEACHER="cache/demo/tiny-clip",
+    TEXT_TEACHER="cache/demo/tiny-distilbert",
+    IMAGE_SIZE=64,
+    EPOCHS=8,
+    FREEZE_EPOCHS=2,
+    HEAD_EPOCHS=150,
+)
+# -----------------------------------------------------------------------------
+
+CONFIG_KEYS = [k for k, v in globals().items() if k.isupper() and k != "DEMO" and not k.startswith("_")]
+SPLITS = ("train", "dev", "test")
+TASKS = ("modality", "location")
+REQUIRED_FIELDS = ("image", "Type", "U_id", "Location Category")
+MEDPIX_URL = "https://github.com/CHILab1/MedPix-2.0"
+NORM_MEAN, NORM_STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+def fail(message: str) -> None:
+    raise SystemExit(f"light-weight-vlm: error: {message}")
+
+
+def parse_value(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare string such as a path or a hub id
+
+
+def parse_config(argv: list[str]) -> argparse.Namespace:
+    """Defaults from the CONFIG block, then --demo's, then the command line's."""
+    parser = argparse.ArgumentParser(prog="light-weight-vlm.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--demo", action="store_true", help="synthetic data and tiny teachers, no download")
+    for key in CONFIG_KEYS:
+        parser.add_argument(f"--{key}", type=parse_value, default=None, metavar="VALUE",
+                            help=f"default: {globals()[key]!r}")
+    args = parser.parse_args(argv)
+    cfg = {key: globals()[key] for key in CONFIG_KEYS}
+    if args.demo:
+        cfg.update(DEMO)
+    for key in CONFIG_KEYS:
+        value = getattr(args, key)
+        if value is None and f"--{key}" not in argv:
+            continue
+        default = globals()[key]
+        if isinstance(default, bool) or (default is not None and not isinstance(value, type(default))
+                                         and not (isinstance(default, float) and isinstance(value, int))
+                                         and not (isinstance(default, str) and value is None)):
+            parser.error(f"--{key}: expected a value like {default!r}, got {value!r}")
+        cfg[key] = float(value) if isinstance(default, float) else value
+    cfg["demo"] = args.demo
+    return argparse.Namespace(**cfg)
+
+
+# -----------------------------------------------------------------------------
+# data
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file and rename it, so a file is never left half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_csv(path: Path, rows: list[list]) -> None:
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows(rows)
+    atomic_write(path, write)
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    try:
+        with jsonlines.open(path) as reader:
+            return list(reader.iter(type=dict, skip_empty=True))
+    except jsonlines.InvalidLineError as e:
+        fail(f"{path}:{e.lineno}: not a JSON object ({e.line[:60]!r})")
+
+
+def check_layout(root: Path) -> None:
+    missing = [p for p in (root / "images", root / "splitted_dataset", *split_files(root, "train"),
+                           *split_files(root, "dev")) if not p.exists()]
+    if missing:
+        fail(f"MedPix 2.0 data not found: {missing[0]} is missing. Expected DATA_ROOT/images/<image>.png and "
+             f"DATA_ROOT/splitted_dataset/{{data,descriptions}}_{{train,dev[,test]}}.jsonl. MedPix 2.0 is "
+             f"published at {MEDPIX_URL}; pass its folder with --DATA_ROOT, or try --demo.")
+
+
+def split_files(root: Path, split: str) -> tuple[Path, Path]:
+    folder = root / "splitted_dataset"
+    return folder / f"data_{split}.jsonl", folder / f"descriptions_{split}.jsonl"
+
+
+def assemble_text(history: str | None, caption: str | None) -> str:
+    """The model's input text. Label fields (Type, Modality, Location, ...) never enter it."""
+    return " ".join(part.strip() for part in (history, caption) if isinstance(part, str) and part.strip())
+
+
+def load_split(root: Path, split: str, skipped: Counter) -> list[dict]:
+    """One sample per image record; records lacking a required field are skipped and counted."""
+    data_path, desc_path = split_files(root, split)
+    cases = {r["U_id"]: r for r in read_jsonl(data_path) if r.get("U_id")}
+    samples = []
+    for lineno, record in enumerate(read_jsonl(desc_path), 1):
+        missing = [field for field in REQUIRED_FIELDS if not record.get(field)]
+        if missing:
+            warn_skip(skipped, "record without required field", f"{desc_path}:{lineno}: no {', '.join(missing)}")
+            continue
+        case = cases.get(record["U_id"]) or {}
+        description = record.get("Description") or {}
+        samples.append(dict(
+            image=str(root / "images" / f"{record['image']}.png"),
+            text=assemble_text((case.get("Case") or {}).get("History"), description.get("Caption")),
+            modality=record["Type"],
+            location=record["Location Category"],
+        ))
+    if not samples:
+        fail(f"{desc_path}: no usable sample in split '{split}'")
+    return samples
+
+
+def warn_skip(skipped: Counter, reason: str, detail: str) -> None:
+    skipped[reason] += 1
+    tqdm.write(f"skipped: {detail}")
+
+
+def label_names(train: list[dict], task: str) -> list[str]:
+    names = sorted({s[task] for s in train})
+    if len(names) < 2:
+        fail(f"the train split has one {task} class only ({names[0]!r}): nothing to learn")
+    return names
+
+
+def encode_labels(samples: list[dict], task: str, names: list[str], split: str) -> torch.Tensor:
+    unknown = sorted({s[task] for s in samples} - set(names))
+    if unknown:
+        fail(f"split '{split}' has {task} label(s) {unknown} that the train split never has")
+    return torch.tensor([names.index(s[task]) for s in samples])
+
+
+def sha256(*parts: bytes | str) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part.encode() if isinstance(part, str) else part)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def settings_key(**settings) -> str:
+    return sha256(json.dumps(settings, sort_keys=True, default=str))[:16]
+
+
+def cached(path: Path, keys: list[str], compute: Callable[[list[str]], dict[str, torch.Tensor]]) -> dict:
+    """A content-keyed tensor store: load it, compute the missing keys, save it back atomically."""
+    store = {}
+    if path.exists():
+        try:
+            store = torch.load(path, weights_only=True)
+        except Exception as e:  # a corrupt store is rebuilt, never trusted
+            tqdm.write(f"cache: {path} is unreadable ({type(e).__name__}), rebuilding it")
+    missing = [k for k in dict.fromkeys(keys) if k not in store]
+    if missing:
+        store.update(compute(missing))
+        atomic_write(path, lambda tmp: torch.save(store, tmp))
+    return store
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit or float grayscale: stretch to 8 bit
+        a = np.asarray(image, dtype=np.float32)
+        image = Image.fromarray(((a - a.min()) / max(float(a.max() - a.min()), 1e-6) * 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = Image.alpha_composite(Image.new("RGBA", image.size, (0, 0, 0, 255)), image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+def decode_image(path: str, size: int) -> torch.Tensor:
+    with Image.open(path) as image:
+        rgb = to_rgb(image)
+    return v2.Compose([v2.PILToTensor(), v2.Resize((size, size), antialias=True)])(rgb)
+
+
+def load_images(samples: list[dict], size: int, cache_dir: Path, skipped: Counter) -> dict[str, torch.Tensor]:
+    """Decode every PNG once; the store is keyed by each file's bytes and by the image size."""
+    for s in samples:
+        try:
+            s["image_key"] = sha256(Path(s["image"]).read_bytes())
+        except OSError as e:
+            s["image_key"] = None
+            warn_skip(skipped, "image unreadable", f"{s['image']}: {e.strerror or e}")
+    paths = {s["image_key"]: s["image"] for s in samples if s["image_key"]}
+
+    def compute(keys):
+        decoded = {}
+        for key in tqdm(keys, desc="decoding images", leave=False):
+            try:
+                decoded[key] = decode_image(paths[key], size)
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                warn_skip(skipped, "image unreadable", f"{paths[key]}: {e}")
+        return decoded
+
+    store = cached(cache_dir / f"images-{settings_key(size=size, resize='antialias-v1')}.pt", list(paths), compute)
+    for s in samples:
+        if s["image_key"] not in store:
+            s["image_key"] = None
+    return store
+
+
+# -----------------------------------------------------------------------------
+# teacher
+
+
+def model_identity(name: str) -> str:
+    """A hub id stands for itself; a local folder for the bytes of its files."""
+    folder = Path(name)
+    if not folder.is_dir():
+        return name
+    return sha256(*[f"{p.relative_to(folder)}:{sha256(p.read_bytes())}" for p in sorted(folder.rglob("*")) if p.is_file()])
+
+
+def load_pretrained(loader, name: str, setting: str):
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return loader.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        fail(f"cannot load {setting}={name!r}: {reason}. Point {setting} to a local model folder "
+             f"(see README, 'Offline'), or set it to None.")
+
+
+def load_teacher(cfg) -> dict:
+    from transformers import AutoModel, AutoTokenizer, CLIPImageProcessor, CLIPModel
+    teacher = {}
+    if cfg.VISION_TEACHER:
+        teacher["clip"] = load_pretrained(CLIPModel, cfg.VISION_TEACHER, "VISION_TEACHER").eval()
+        teacher["processor"] = load_pretrained(CLIPImageProcessor, cfg.VISION_TEACHER, "VISION_TEACHER")
+    if cfg.TEXT_TEACHER:
+        teacher["text"] = load_pretrained(AutoModel, cfg.TEXT_TEACHER, "TEXT_TEACHER").eval()
+        teacher["tokenizer"] = load_pretrained(AutoTokenizer, cfg.TEXT_TEACHER, "TEXT_TEACHER")
+    if not teacher:
+        fail("VISION_TEACHER and TEXT_TEACHER are both None: the teacher needs at least one tower")
+    return teacher
+
+
+def autocast(device: torch.device):
+    if device.type != "cuda":
+        return nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+
+
+def image_features(clip, processor, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    pixels = processor(images=list(images), return_tensors="pt")["pixel_values"].to(device)
+    with torch.no_grad(), autocast(device):
+        out = clip.get_image_features(pixel_values=pixels)
+    return (out if torch.is_tensor(out) else out.pooler_output).float().cpu()  # transformers 5: an output object
+
+
+def text_features(model, tokenizer, texts: list[str], max_tokens: int, device: torch.device) -> torch.Tensor:
+    batch = tokenizer(texts, max_length=max_tokens, truncation=True, padding=True, return_tensors="pt").to(device)
+    with torch.no_grad(), autocast(device):
+        hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    mask = batch["attention_mask"][..., None].float()
+    return ((hidden.float() * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu()  # mean over real tokens
+
+
+def batched_features(keys: list[str], inputs: dict, extract: Callable, batch_size: int, desc: str) -> dict:
+    out = {}
+    for i in tqdm(range(0, len(keys), batch_size), desc=desc, leave=False):
+        chunk = keys[i:i + batch_size]
+        for key, feature in zip(chunk, extract([inputs[k] for k in chunk])):
+            out[key] = feature
+    return out
+
+
+def teacher_features(samples: list[dict], images: dict, teacher: dict, cfg, device: torch.device) -> torch.Tensor:
+    """Frozen backbone features per sample, computed once and cached by content and teacher."""
+    cache_dir = Path(cfg.CACHE_DIR)
+    parts = []
+    if "clip" in teacher:
+        clip = teacher["clip"].to(device)
+        key = settings_key(model=model_identity(cfg.VISION_TEACHER), size=cfg.IMAGE_SIZE, pooling="clip-projection")
+        store = cached(cache_dir / f"vision-{key}.pt", [s["image_key"] for s in samples], lambda keys: batched_features(
+            keys, images, lambda x: image_features(clip, teacher["processor"], torch.stack(x), device),
+            cfg.TEACHER_BATCH_SIZE, "vision teacher"))
+        parts.append(torch.stack([store[s["image_key"]] for s in samples]))
+    if "text" in teacher:
+        model = teacher["text"].to(device)
+        texts = {sha256(s["text"]): s["text"] for s in samples}
+        key = settings_key(model=model_identity(cfg.TEXT_TEACHER), max_tokens=cfg.MAX_TOKENS, pooling="mean")
+        store = cached(cache_dir / f"text-{key}.pt", list(texts), lambda keys: batched_features(
+            keys, texts, lambda x: text_features(model, teacher["tokenizer"], x, cfg.MAX_TOKENS, device),
+            cfg.TEACHER_BATCH_SIZE, "text teacher"))
+        parts.append(torch.stack([store[sha256(s["text"])] for s in samples]))
+    return torch.cat(parts, dim=1)
+
+
+def teacher_heads(in_dim: int, n_modality: int, n_location: int, hidden: int) -> nn.Module:
+    """One MLP whose output is split into the modality and the location logits."""
+    return nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(0.2),
+                         nn.Linear(hidden, n_modality + n_location))
+
+
+def train_teacher_heads(features: dict, labels: dict, n_classes: tuple[int, int], cfg) -> tuple[nn.Module, dict]:
+    """Train the heads on train features with early stopping on dev; return them and the logits per split."""
+    heads = teacher_heads(features["train"].shape[1], *n_classes, cfg.HEAD_HIDDEN)
+    optimizer = torch.optim.AdamW(heads.parameters(), lr=cfg.HEAD_LR, weight_decay=0.01)
+    best_score, best_state, since_best = -1.0, None, 0
+    split_logits = lambda out: torch.split(out, list(n_classes), dim=1)
+    for _ in tqdm(range(cfg.HEAD_EPOCHS), desc="teacher heads", leave=False):
+        heads.train()
+        logits = split_logits(heads(features["train"]))
+        loss = sum(F.cross_entropy(lg, y) for lg, y in zip(logits, labels["train"]))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        heads.eval()
+        with torch.no_grad():
+            dev_logits = split_logits(heads(features["dev"]))
+        score = mean_f1([task_metrics(y, lg.argmax(1)) for y, lg in zip(labels["dev"], dev_logits)])
+        if score > best_score:
+            best_score, best_state, since_best = score, {k: v.clone() for k, v in heads.state_dict().items()}, 0
+        else:
+            since_best += 1
+            if since_best >= cfg.HEAD_PATIENCE:
+                break
+    heads.load_state_dict(best_state)
+    heads.eval()
+    with torch.no_grad():
+        return heads, {split: split_logits(heads(x)) for split, x in features.items()}
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# -----------------------------------------------------------------------------
+# student
+
+
+class Student(nn.Module):
+    """CNN image encoder + token embedding + bidirectional LSTM, fused into two heads."""
+
+    def __init__(self, vocab_size: int, pad_id: int, n_modality: int, n_location: int,
+                 cnn_channels: tuple = CNN_CHANNELS, embed_dim: int = EMBED_DIM, lstm_hidden: int = LSTM_HIDDEN,
+                 fusion_dim: int = FUSION_DIM, dropout: float = DROPOUT):
+        super().__init__()
+        layers, width = [], 3
+        for channels in cnn_channels:
+            layers += [nn.Conv2d(width, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
+                       nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            width = channels
+        self.cnn = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
+        self.lstm = nn.LSTM(embed_dim, lstm_hidden, batch_first=True, bidirectional=True)
+        self.fusion = nn.Sequential(nn.Linear(width + 2 * lstm_hidden, fusion_dim), nn.ReLU(), nn.Dropout(dropout))
+        self.modality_head = nn.Linear(fusion_dim, n_modality)
+        self.location_head = nn.Linear(fusion_dim, n_location)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Mean of the LSTM outputs over the real tokens only; zero for an empty text."""
+        lengths = attention_mask.sum(1)
+        packed = pack_padded_sequence(self.embedding(input_ids), lengths.clamp(min=1).cpu(), batch_first=True,
+                                      enforce_sorted=False)
+        out, _ = pad_packed_sequence(self.lstm(packed)[0], batch_first=True, total_length=input_ids.shape[1])
+        mask = attention_mask[..., None].to(out.dtype)
+        return (out * mask).sum(1) / lengths.clamp(min=1)[:, None].to(out.dtype)
+
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        fused = self.fusion(torch.cat([self.cnn(images), self.encode_text(input_ids, attention_mask)], dim=1))
+        return self.modality_head(fused), self.location_head(fused)
+
+
+def student_kwargs(cfg, tokenizer, n_classes: tuple[int, int]) -> dict:
+    return dict(vocab_size=len(tokenizer), pad_id=tokenizer.pad_token_id or 0, n_modality=n_classes[0],
+                n_location=n_classes[1], cnn_channels=tuple(cfg.CNN_CHANNELS), embed_dim=cfg.EMBED_DIM,
+                lstm_hidden=cfg.LSTM_HIDDEN, fusion_dim=cfg.FUSION_DIM, dropout=cfg.DROPOUT)
+
+
+def pca_embedding(teacher_embedding: torch.Tensor, dim: int) -> torch.Tensor:
+    """The teacher's token-embedding matrix reduced to the student's width, scaled to unit variance."""
+    if dim > min(teacher_embedding.shape):
+        fail(f"EMBED_DIM={dim} is larger than the teacher's embedding matrix allows ({tuple(teacher_embedding.shape)})")
+    reduced = PCA(n_components=dim, random_state=0).fit_transform(teacher_embedding.detach().float().numpy())
+    return torch.from_numpy(reduced / reduced.std()).float()
+
+
+def set_embedding_frozen(student: nn.Module, frozen: bool) -> None:
+    student.embedding.weight.requires_grad_(not frozen)
+
+
+def tokenize(tokenizer, texts: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """No special tokens: an empty text has length 0, which is what 'no text' means to the student."""
+    batch = tokenizer(texts, max_length=max_tokens, truncation=True, padding="max_length",
+                      add_special_tokens=False, return_tensors="pt")
+    return batch["input_ids"], batch["attention_mask"]
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    return v2.functional.normalize(images.float() / 255, NORM_MEAN, NORM_STD)
+
+
+# -----------------------------------------------------------------------------
+# distillation loss
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                      alpha: float, temperature: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """(1 - alpha) * CE(labels) + alpha * T^2 * KL(teacher_T || student_T); T^2 keeps the soft
+    term's gradient on the scale of the hard term's as T grows (Hinton et al., 2015)."""
+    student_logits, teacher_logits = student_logits.float(), teacher_logits.float()
+    ce = F.cross_entropy(student_logits, labels, label_smoothing=label_smoothing)
+    kl = F.kl_div(F.log_softmax(student_logits / temperature, dim=1), F.log_softmax(teacher_logits / temperature, dim=1),
+                  reduction="batchmean", log_target=True)
+    return (1 - alpha) * ce + alpha * temperature ** 2 * kl
+
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def augmenter(size: int) -> v2.Compose:
+    return v2.Compose([v2.RandomResizedCrop(size, scale=(0.75, 1.0), ratio=(0.9, 1.1), antialias=True),
+                       v2.RandomHorizontalFlip(), v2.RandomRotation(10), v2.ColorJitter(0.2, 0.2)])
+
+
+def train_epoch(student: nn.Module, data: dict, optimizer, scheduler, scaler, cfg, device: torch.device,
+                generator: torch.Generator) -> float:
+    """One pass over the train split; returns the mean loss per batch."""
+    student.train()
+    augment = augmenter(cfg.IMAGE_SIZE)
+    order = torch.randperm(len(data["labels"][0]), generator=generator)
+    batches = order.split(cfg.BATCH_SIZE)
+    total = 0.0
+    optimizer.zero_grad(set_to_none=True)
+    for step, idx in enumerate(tqdm(batches, desc="train", leave=False), 1):
+        images = normalize(torch.stack([augment(data["images"][i]) for i in idx])).to(device)
+        mask = data["mask"][idx].clone()
+        mask[torch.rand(len(idx), generator=generator) < cfg.TEXT_DROPOUT] = 0  # whole-text dropout
+        with autocast(device):
+            logits = student(images, data["ids"][idx].to(device), mask.to(device))
+        loss = sum(distillation_loss(lg, tl[idx].to(device), y[idx].to(device), cfg.KD_ALPHA, cfg.KD_TEMPERATURE,
+                                     cfg.LABEL_SMOOTHING) for lg, tl, y in zip(logits, data["teacher"], data["labels"]))
+        scaler.scale(loss / cfg.GRAD_ACCUM_STEPS).backward()
+        if step % cfg.GRAD_ACCUM_STEPS == 0 or step == len(batches):
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(student.parameters(), cfg.GRAD_CLIP)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if scheduler is not None:
+                scheduler.step()
+        total += loss.item()
+    return total / len(batches)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: dict, device: torch.device, batch_size: int = 64,
+            with_text: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    model.eval()
+    outputs = []
+    for idx in torch.arange(len(data["images"])).split(batch_size):
+        mask = data["mask"][idx] if with_text else torch.zeros_like(data["mask"][idx])
+        with autocast(device):
+            logits = model(normalize(data["images"][idx]).to(device), data["ids"][idx].to(device), mask.to(device))
+        outputs.append([lg.float().cpu() for lg in logits])
+    return tuple(torch.cat(parts) for parts in zip(*outputs))
+
+
+def task_metrics(labels: torch.Tensor, predictions: torch.Tensor, n_classes: int | None = None) -> dict:
+    classes = list(range(n_classes or int(max(labels.max(), predictions.max())) + 1))
+    precision, recall, f1, _ = precision_recall_fscore_support(labels, predictions, labels=classes, average="macro",
+                                                               zero_division=0)
+    return dict(acc=accuracy_score(labels, predictions), precision=precision, recall=recall, f1=f1,
+                confusion=confusion_matrix(labels, predictions, labels=classes).tolist())
+
+
+def mean_f1(metrics: list[dict]) -> float:
+    return float(np.mean([m["f1"] for m in metrics]))
+
+
+def evaluate_logits(logits: tuple, data: dict, names: dict) -> dict[str, dict]:
+    return {task: task_metrics(y, lg.argmax(1), len(names[task]))
+            for task, lg, y in zip(TASKS, logits, data["labels"])}
+
+
+def confusion_rows(confusion: list[list[int]], names: list[str]) -> list[list]:
+    return [["true \\ predicted", *names]] + [[name, *row] for name, row in zip(names, confusion)]
+
+
+def save_student(path: Path, student: nn.Module, meta: dict) -> None:
+    atomic_write(path, lambda tmp: torch.save({**meta, "state_dict": student.state_dict()}, tmp))
+
+
+def train_student(student: nn.Module, data: dict, cfg, names: dict, meta: dict, device: torch.device) -> dict:
+    """Distil for EPOCHS epochs, log each one, keep the checkpoint with the best dev mean macro-F1."""
+    from transformers import get_cosine_schedule_with_warmup
+    log_dir, results = Path(cfg.LOG_DIR), Path(cfg.RESULTS_DIR)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.LR, weight_decay=cfg.WEIGHT_DECAY)
+    steps_per_epoch = math.ceil(math.ceil(len(data["train"]["labels"][0]) / cfg.BATCH_SIZE) / cfg.GRAD_ACCUM_STEPS)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.WARMUP_EPOCHS * steps_per_epoch,
+                                                cfg.EPOCHS * steps_per_epoch)
+    scaler = grad_scaler(device)
+    generator = torch.Generator().manual_seed(cfg.SEED)
+    header = ["epoch", "train_loss", "val_modality_acc", "val_location_acc", "modality_precision", "modality_recall",
+              "modality_f1", "location_precision", "location_recall", "location_f1", "lr", "embedding_frozen",
+              "seconds"]
+    rows, best = [header], dict(score=-1.0, epoch=0)
+    for epoch in range(1, cfg.EPOCHS + 1):
+        start = time.time()
+        frozen = epoch <= cfg.FREEZE_EPOCHS
+        if student.embedding.weight.requires_grad == frozen:
+            set_embedding_frozen(student, frozen)
+            tqdm.write(f"epoch {epoch}: token embedding {'frozen' if frozen else 'unfrozen'}")
+        lr = optimizer.param_groups[0]["lr"]
+        loss = train_epoch(student, data["train"], optimizer, scheduler, scaler, cfg, device, generator)
+        dev = evaluate_logits(predict(student, data["dev"], device), data["dev"], names)
+        m, loc = dev["modality"], dev["location"]
+        rows.append([epoch, round(loss, 5), round(m["acc"], 4), round(loc["acc"], 4), *[round(m[k], 4) for k in
+                     ("precision", "recall", "f1")], *[round(loc[k], 4) for k in ("precision", "recall", "f1")],
+                     f"{lr:.3g}", int(frozen), round(time.time() - start, 2)])
+        write_csv(log_dir / "training_log.csv", rows)
+        for task in TASKS:
+            write_csv(log_dir / f"confusion_{task}_epoch_{epoch}.csv", confusion_rows(dev[task]["confusion"], names[task]))
+        score = mean_f1(list(dev.values()))
+        marker = ""
+        if score > best["score"]:
+            best = dict(score=score, epoch=epoch)
+            save_student(results / "lightweight_vlm.pth", student, meta)
+            marker = " (best, saved)"
+        tqdm.write(f"epoch {epoch:3d} | loss {loss:.4f} | dev modality acc {m['acc']:.3f} f1 {m['f1']:.3f} | "
+                   f"location acc {loc['acc']:.3f} f1 {loc['f1']:.3f} | {time.time() - start:.1f}s{marker}")
+    return best
+
+
+def grad_scaler(device: torch.device) -> torch.amp.GradScaler:
+    """Loss scaling is needed only for fp16 autocast on CUDA; a disabled scaler is a pass-through."""
+    fp16 = device.type == "cuda" and not torch.cuda.is_bf16_supported()
+    return torch.amp.GradScaler("cuda", enabled=fp16)
+
+
+# -----------------------------------------------------------------------------
+# pruning and quantization
+
+
+def prunable_weights(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    return [(m, "weight") for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def prune_global_l1(model: nn.Module, amount: float) -> None:
+    prune.global_unstructured(prunable_weights(model), pruning_method=prune.L1Unstructured, amount=amount)
+
+
+def make_pruning_permanent(model: nn.Module) -> None:
+    for module, name in prunable_weights(model):
+        prune.remove(module, name)
+
+
+def sparsity(model: nn.Module) -> float:
+    weights = [getattr(m, name) for m, name in prunable_weights(model)]
+    return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+
+
+@contextmanager
+def quiet_quantization():
+    """torch.ao.quantization still does dynamic int8 LSTMs but warns about its deprecation on every call."""
+    with warnings.catch_warnings():
+        for message in (".*torch.ao.quantization is deprecated.*", ".*quantize_per_tensor.*", ".*TypedStorage.*"):
+            warnings.filterwarnings("ignore", message=message)
+        yield
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Dynamic int8 for the Linear and LSTM layers (weights int8, activations quantized on the fly)."""
+    with quiet_quantization():
+        from torch.ao.quantization import quantize_dynamic
+        return quantize_dynamic(model.cpu().eval(), {nn.Linear, nn.LSTM}, dtype=torch.qint8)
+
+
+def load_student(path: str | Path) -> tuple[nn.Module, dict]:
+    """Rebuild a float (.pth) or int8 (.pt) student from its file alone."""
+    with quiet_quantization():
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)  # our own file: it holds packed int8 params
+        model = Student(**checkpoint["student"])
+        if checkpoint["quantized"]:
+            model = quantize_int8(model)
+        model.load_state_dict(checkpoint["state_dict"])
+    return model.eval(), checkpoint
+
+
+def compress(student: nn.Module, data: dict, cfg, meta: dict, device: torch.device) -> dict:
+    """Global L1 pruning, a short recovery fine-tune, permanent masks, then dynamic int8."""
+    prune_global_l1(student, cfg.PRUNE_AMOUNT)
+    set_embedding_frozen(student, False)
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.PRUNE_LR,
+                                  weight_decay=cfg.WEIGHT_DECAY)
+    generator = torch.Generator().manual_seed(cfg.SEED + 1)
+    for epoch in range(1, cfg.PRUNE_FINETUNE_EPOCHS + 1):
+        loss = train_epoch(student, data["train"], optimizer, None, grad_scaler(device), cfg, device, generator)
+        tqdm.write(f"pruned fine-tune epoch {epoch} | loss {loss:.4f}")
+    make_pruning_permanent(student)
+    measured = sparsity(student)
+    path = Path(cfg.RESULTS_DIR) / "lightweight_vlm_int8.pt"
+    save_student(path, quantize_int8(student), {**meta, "quantized": True})
+    return dict(sparsity=measured, path=path)
+
+
+# -----------------------------------------------------------------------------
+# evaluation and reporting
+
+
+def summary(metrics: dict[str, dict]) -> dict:
+    return {f"{task}_{k}": round(float(metrics[task][k]), 4) for task in TASKS for k in ("acc", "f1")}
+
+
+def print_table(metrics: dict) -> None:
+    columns = [f"{task}_{k}" for task in TASKS for k in ("acc", "f1")]
+    print(f"\n{'model':<14}{'split':<7}" + "".join(f"{c:>14}" for c in columns))
+    for model in ("teacher", "student", "student_int8"):
+        for split, values in metrics[model].items():
+            print(f"{model:<14}{split:<7}" + "".join(f"{values[c]:>14.4f}" for c in columns))
+    print(f"parameters: teacher {metrics['teacher_params']:,}, student {metrics['student_params']:,} | "
+          f"files: float {metrics['student_file_bytes']:,} B, int8 {metrics['student_int8_file_bytes']:,} B | "
+          f"sparsity {metrics['sparsity']:.3f}")
+
+
+# -----------------------------------------------------------------------------
+# demo data
+
+
+DEMO_LOCATIONS = ("Head", "Thorax", "Abdomen", "Spine and Muscles", "Reproductive and Urinary System")
+DEMO_WORDS = dict(Head="brain skull head", Thorax="chest lung thorax", Abdomen="abdomen liver bowel",
+                  **{"Spine and Muscles": "spine vertebra lumbar", "Reproductive and Urinary System": "pelvis bladder kidney"})
+DEMO_FILLER = ("patient presented with pain for two weeks", "image shows a lesion with mild enhancement",
+               "no acute findings were noted", "follow up study after treatment", "history of trauma and fever")
+
+
+def demo_image(rng: random.Random, modality: str, location: str) -> Image.Image:
+    """A synthetic slice whose shapes depend on the location and whose contrast depends on the modality."""
+    w, h = rng.randint(80, 120), rng.randint(80, 120)
+    tissue, bone = (110, 235) if modality == "CT" else (180, 40)
+    image = Image.new("L", (w, h), 0)
+    draw = ImageDraw.Draw(image)
+    box = lambda cx, cy, rx, ry: (w * (cx - rx), h * (cy - ry), w * (cx + rx), h * (cy + ry))
+    jitter = lambda: rng.uniform(-0.04, 0.04)
+    if location == "Head":
+        draw.ellipse(box(0.5 + jitter(), 0.5, 0.36, 0.42), fill=tissue, outline=bone, width=5)
+    elif location == "Thorax":
+        draw.ellipse(box(0.5, 0.5 + jitter(), 0.45, 0.32), fill=tissue, outline=bone, width=2)
+        for cx in (0.32, 0.68):
+            draw.ellipse(box(cx, 0.5, 0.12, 0.2), fill=20)
+    elif location == "Abdomen":
+        draw.ellipse(box(0.5, 0.5 + jitter(), 0.42, 0.36), fill=tissue)
+        for _ in range(4):
+            draw.ellipse(box(rng.uniform(0.3, 0.7), rng.uniform(0.35, 0.65), 0.07, 0.07), fill=bone)
+    elif location == "Spine and Muscles":
+        for cy in (0.15, 0.35, 0.55, 0.75):
+            draw.rectangle(box(0.5 + jitter(), cy, 0.12, 0.07), fill=bone)
+    else:
+        draw.ellipse(box(0.5, 0.5, 0.4, 0.3), fill=tissue)
+        draw.ellipse(box(0.5, 0.62 + jitter(), 0.12, 0.1), fill=bone)
+    noise = Image.effect_noise((w, h), 40 if modality == "CT" else 15)
+    return Image.blend(image.filter(ImageFilter.GaussianBlur(1 if modality == "CT" else 2)), noise, 0.25)
+
+
+def demo_caption(rng: random.Random, modality: str, location: str) -> str:
+    parts = [rng.choice(DEMO_FILLER)]
+    if rng.random() < 0.5:
+        parts.insert(0, f"axial {modality.lower()} image")
+    if rng.random() < 0.5:
+        parts.append(f"of the {rng.choice(DEMO_WORDS[location].split())}")
+    return " ".join(parts)
+
+
+def make_demo_data(root: Path, seed: int, sizes: dict[str, int] = None) -> None:
+    """A small data set in the MedPix 2.0 layout and schema, with images in RGB, RGBA and L modes."""
+    sizes = sizes or dict(train=200, dev=60, test=60)
+    rng = random.Random(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    for split, n in sizes.items():
+        cases, descriptions = [], []
+        for case_no in range(n // 3):
+            uid, location = f"DEMO{split}{case_no:04d}", rng.choice(DEMO_LOCATIONS)
+            images = {"CT": [], "MR": []}
+            for image_no in range(3):
+                modality, name = rng.choice(("CT", "MR")), f"{uid}_synpic{image_no}"
+                images[modality].append(name)
+                demo_image(rng, modality, location).convert(rng.choice(("RGB", "RGBA", "L"))).save(
+                    root / "images" / f"{name}.png")
+                descriptions.append({"Type": modality, "U_id": uid, "image": name, "Description": {
+                    "Caption": demo_caption(rng, modality, location), "Modality": f"{modality} - demo",
+                    "Plane": "Axial", "Age": str(rng.randint(5, 90))},
+                    "Location": f"{location} (demo)", "Location Category": location})
+            cases.append({"U_id": uid, "TAC": images["CT"], "MRI": images["MR"], "Case": {
+                "History": rng.choice(DEMO_FILLER), "Title": "demo case"}, "Topic": {"Category": "demo"}})
+        for path, records in zip(split_files(root, split), (cases, descriptions)):
+            atomic_write(path, lambda tmp, r=records: jsonlines.open(tmp, "w").write_all(r))
+
+
+def make_demo_teachers(vision_dir: Path, text_dir: Path, seed: int) -> None:
+    """Tiny randomly initialised CLIP and DistilBERT teachers, and a word-level tokenizer built from the demo texts."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, DistilBertConfig, DistilBertModel
+    from transformers import PreTrainedTokenizerFast
+    torch.manual_seed(seed)
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    words = sorted({w for line in (*DEMO_FILLER, *DEMO_WORDS.values(), "axial ct mr image of the") for w in line.split()})
+    characters = "abcdefghijklmnopqrstuvwxyz0123456789"
+    words += [c for c in characters if c not in words] + [f"##{c}" for c in characters]  # any word spells out
+    wordpiece = Tokenizer(models.WordPiece({w: i for i, w in enumerate(specials + words)}, unk_token="[UNK]"))
+    wordpiece.normalizer = normalizers.BertNormalizer(lowercase=True)
+    wordpiece.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=wordpiece, **dict(zip(
+        ("pad_token", "unk_token", "cls_token", "sep_token", "mask_token"), specials)))
+    tokenizer.save_pretrained(text_dir)
+    DistilBertModel(DistilBertConfig(vocab_size=len(tokenizer), dim=64, n_layers=2, n_heads=2, hidden_dim=128,
+                                     max_position_embeddings=256)).save_pretrained(text_dir)
+    tiny = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    clip = CLIPModel(CLIPConfig(text_config=dict(tiny, vocab_size=99, bos_token_id=0, eos_token_id=1, pad_token_id=1),
+                                vision_config=dict(tiny, image_size=32, patch_size=8), projection_dim=32))
+    clip.save_pretrained(vision_dir)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(vision_dir)
+
+
+# -----------------------------------------------------------------------------
+# main
+
+
+def student_tokenizer(cfg, teacher: dict):
+    if not cfg.TOKENIZER:
+        return teacher.get("tokenizer") or fail("TOKENIZER is None and there is no TEXT_TEACHER to take it from")
+    from transformers import AutoTokenizer
+    return load_pretrained(AutoTokenizer, cfg.TOKENIZER, "TOKENIZER")
+
+
+def prepare_split(samples: list[dict], images: dict, tokenizer, names: dict, split: str, cfg) -> dict:
+    ids, mask = tokenize(tokenizer, [s["text"] for s in samples], cfg.MAX_TOKENS)
+    return dict(images=torch.stack([images[s["image_key"]] for s in samples]), ids=ids, mask=mask,
+                labels=tuple(encode_labels(samples, task, names[task], split) for task in TASKS))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    run_start = time.time()
+    random.seed(cfg.SEED)
+    np.random.seed(cfg.SEED)
+    torch.manual_seed(cfg.SEED)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.DEVICE == "auto" else cfg.DEVICE)
+    root, cache_dir = Path(cfg.DATA_ROOT), Path(cfg.CACHE_DIR)
+    if cfg.demo:
+        make_demo_data(root, cfg.SEED)
+        make_demo_teachers(Path(cfg.VISION_TEACHER), Path(cfg.TEXT_TEACHER), cfg.SEED)
+
+    # data
+    check_layout(root)
+    skipped = Counter()
+    splits = {s: load_split(root, s, skipped) for s in SPLITS if all(p.exists() for p in split_files(root, s))}
+    images = {}
+    for split, samples in splits.items():
+        images.update(load_images(samples, cfg.IMAGE_SIZE, cache_dir, skipped))
+        splits[split] = [s for s in samples if s["image_key"]]
+        if not splits[split]:
+            fail(f"split '{split}' has no sample with a readable image")
+    names = {task: label_names(splits["train"], task) for task in TASKS}
+    n_classes = (len(names["modality"]), len(names["location"]))
+    print(f"data: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) +
+          f" | modality {names['modality']} | location {names['location']}")
+
+    # teacher
+    teacher = load_teacher(cfg)
+    teacher_params = sum(count_parameters(teacher[k]) for k in ("clip", "text") if k in teacher)
+    features = {split: teacher_features(samples, images, teacher, cfg, device) for split, samples in splits.items()}
+    tokenizer = student_tokenizer(cfg, teacher)
+    data = {split: prepare_split(samples, images, tokenizer, names, split, cfg) for split, samples in splits.items()}
+    heads, teacher_logits = train_teacher_heads(features, {s: d["labels"] for s, d in data.items()}, n_classes, cfg)
+    teacher_params += count_parameters(heads)
+    for split in data:
+        data[split]["teacher"] = teacher_logits[split]
+    metrics = {"teacher": {s: summary(evaluate_logits(teacher_logits[s], data[s], names)) for s in data}}
+    print("teacher dev: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics["teacher"]["dev"].items()))
+
+    # student
+    kwargs = student_kwargs(cfg, tokenizer, n_classes)
+    student = Student(**kwargs)
+    tokenizer_name = cfg.TOKENIZER or cfg.TEXT_TEACHER
+    if "text" in teacher and tokenizer_name == cfg.TEXT_TEACHER:
+        with torch.no_grad():
+            student.embedding.weight.copy_(pca_embedding(teacher["text"].get_input_embeddings().weight, cfg.EMBED_DIM))
+        print(f"student embedding: PCA of {cfg.TEXT_TEACHER}'s token embeddings to {cfg.EMBED_DIM} dims")
+    del teacher
+    student.to(device)
+    print(f"parameters: teacher {teacher_params:,} | student {count_parameters(student):,} | device {device}")
+    meta = dict(student=kwargs, labels=names, tokenizer=tokenizer_name, max_tokens=cfg.MAX_TOKENS,
+                image_size=cfg.IMAGE_SIZE, normalization=(NORM_MEAN, NORM_STD), quantized=False)
+    best = train_student(student, data, cfg, names, meta, device)
+    print(f"best dev mean macro-F1 {best['score']:.4f} at epoch {best['epoch']}")
+
+    # pruning and quantization
+    float_path = Path(cfg.RESULTS_DIR) / "lightweight_vlm.pth"
+    student, _ = load_student(float_path)
+    metrics["student"] = {s: summary(evaluate_logits(predict(student.to(device), data[s], device), data[s], names))
+                          for s in data if s != "train"}
+    compressed = compress(student.to(device), data, cfg, meta, device)
+    int8, _ = load_student(compressed["path"])
+    cpu = torch.device("cpu")
+    metrics["student_int8"] = {s: summary(evaluate_logits(predict(int8, data[s], cpu), data[s], names))
+                               for s in data if s != "train"}
+    metrics["teacher"].pop("train")
+
+    # reporting
+    metrics.update(student_params=count_parameters(student), teacher_params=teacher_params,
+                   student_file_bytes=float_path.stat().st_size, student_int8_file_bytes=compressed["path"].stat().st_size,
+                   sparsity=round(compressed["sparsity"], 4), best_epoch=best["epoch"], skipped=dict(skipped),
+                   seconds=round(time.time() - run_start, 1))
+    write_json(Path(cfg.RESULTS_DIR) / "metrics.json", metrics)
+    print_table(metrics)
+    if skipped:
+        print("skipped: " + ", ".join(f"{n} {reason}" for reason, n in skipped.items()))
+    print(f"done in {metrics['seconds']:.0f}s: {cfg.LOG_DIR}/training_log.csv, {cfg.RESULTS_DIR}/metrics.json")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
