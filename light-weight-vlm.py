@@ -100,7 +100,7 @@ DEMO = dict(
 )
 # -----------------------------------------------------------------------------
 
-CONFIG_KEYS = [k for k, v in globals().items() if k.isupper() and k != "DEMO" and not k.startswith("_")]
+CONFIG_KEYS = [k for k, v in globals().items() if k.isupper() and isinstance(v, (int, float, str, tuple, type(None)))]
 SPLITS = ("train", "dev", "test")
 TASKS = ("modality", "location")
 REQUIRED_FIELDS = ("image", "Type", "U_id", "Location Category")
@@ -141,8 +141,24 @@ def parse_config(argv: list[str]) -> argparse.Namespace:
                                          and not (isinstance(default, str) and value is None)):
             parser.error(f"--{key}: expected a value like {default!r}, got {value!r}")
         cfg[key] = float(value) if isinstance(default, float) else value
+    for key, ok, expected in config_ranges(cfg):
+        if not ok:
+            parser.error(f"--{key} must be {expected}, got {cfg[key]!r}")
     cfg["demo"] = args.demo
     return argparse.Namespace(**cfg)
+
+
+def config_ranges(cfg: dict) -> list[tuple[str, bool, str]]:
+    positive = ("IMAGE_SIZE", "MAX_TOKENS", "TEACHER_BATCH_SIZE", "HEAD_HIDDEN", "HEAD_EPOCHS", "HEAD_PATIENCE",
+                "HEAD_LR", "EMBED_DIM", "LSTM_HIDDEN", "FUSION_DIM", "KD_TEMPERATURE", "EPOCHS", "BATCH_SIZE",
+                "GRAD_ACCUM_STEPS", "LR", "GRAD_CLIP", "PRUNE_LR")
+    fractions = ("DROPOUT", "TEXT_DROPOUT", "KD_ALPHA", "LABEL_SMOOTHING")
+    counts = ("WARMUP_EPOCHS", "FREEZE_EPOCHS", "PRUNE_FINETUNE_EPOCHS", "WEIGHT_DECAY")
+    channels = cfg["CNN_CHANNELS"]
+    return ([(k, cfg[k] > 0, "> 0") for k in positive] + [(k, 0 <= cfg[k] <= 1, "in [0, 1]") for k in fractions] +
+            [(k, cfg[k] >= 0, ">= 0") for k in counts] + [("PRUNE_AMOUNT", 0 <= cfg["PRUNE_AMOUNT"] < 1, "in [0, 1)"),
+             ("CNN_CHANNELS", len(channels) > 0 and all(isinstance(c, int) and c > 0 for c in channels),
+              "a tuple of positive widths")])
 
 
 # -----------------------------------------------------------------------------
@@ -562,7 +578,7 @@ def predict(model: nn.Module, data: dict, device: torch.device, batch_size: int 
     for idx in torch.arange(len(data["images"])).split(batch_size):
         mask = data["mask"][idx] if with_text else torch.zeros_like(data["mask"][idx])
         with autocast(device):
-            logits = model(normalize(data["images"][idx]).to(device), data["ids"][idx].to(device), mask.to(device))
+            logits = model(normalize(data["images"][idx].to(device)), data["ids"][idx].to(device), mask.to(device))
         outputs.append([lg.float().cpu() for lg in logits])
     return tuple(torch.cat(parts) for parts in zip(*outputs))
 
@@ -612,8 +628,8 @@ def train_student(student: nn.Module, data: dict, cfg, names: dict, meta: dict, 
         if student.embedding.weight.requires_grad == frozen:
             set_embedding_frozen(student, frozen)
             tqdm.write(f"epoch {epoch}: token embedding {'frozen' if frozen else 'unfrozen'}")
-        lr = optimizer.param_groups[0]["lr"]
         loss = train_epoch(student, data["train"], optimizer, scheduler, scaler, cfg, device, generator)
+        lr = optimizer.param_groups[0]["lr"]  # where the schedule stands at the end of the epoch
         dev = evaluate_logits(predict(student, data["dev"], device), data["dev"], names)
         m, loc = dev["modality"], dev["location"]
         rows.append([epoch, round(loss, 5), round(m["acc"], 4), round(loc["acc"], 4), *[round(m[k], 4) for k in

@@ -1,0 +1,386 @@
+import csv
+import json
+from collections import Counter
+from pathlib import Path
+
+import jsonlines
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from conftest import MEDPIX
+
+
+def write_split(root: Path, split: str, cases: list[dict], descriptions: list[dict]) -> None:
+    folder = root / "splitted_dataset"
+    folder.mkdir(parents=True, exist_ok=True)
+    with jsonlines.open(folder / f"data_{split}.jsonl", "w") as w:
+        w.write_all(cases)
+    with jsonlines.open(folder / f"descriptions_{split}.jsonl", "w") as w:
+        w.write_all(descriptions)
+
+
+def small_student(lvm, vocab_size=50):
+    return lvm.Student(vocab_size, 0, 2, 5, cnn_channels=(4, 8), embed_dim=8, lstm_hidden=8, fusion_dim=16)
+
+
+def read_csv(path: Path) -> list[list[str]]:
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+# data -------------------------------------------------------------------------
+
+
+def test_text_is_history_plus_caption_and_never_a_label_field(lvm, tmp_path):
+    (tmp_path / "images").mkdir()
+    cases = [{"U_id": "C1", "Case": {"History": "  58 yo man with pain. ", "Findings": "FINDINGS-TEXT"}},
+             {"U_id": "C2", "Case": {"History": None}}]
+    descriptions = [
+        {"Type": "TYPE-LABEL", "U_id": "C1", "image": "a", "Location": "LOCATION-LABEL",
+         "Location Category": "CATEGORY-LABEL", "Description": {"Caption": "Axial slice.", "Modality": "MODALITY-LABEL"}},
+        {"Type": "MR", "U_id": "C2", "image": "b", "Location Category": "Head", "Description": {"Caption": None}},
+        {"Type": "CT", "U_id": "C3", "image": "c", "Location Category": "Head"},  # case absent, no Description
+        {"Type": "CT", "U_id": "C1", "Location Category": "Head"},  # no image: skipped and counted
+    ]
+    write_split(tmp_path, "train", cases, descriptions)
+    skipped = Counter()
+    samples = lvm.load_split(tmp_path, "train", skipped)
+    assert [s["text"] for s in samples] == ["58 yo man with pain. Axial slice.", "", ""]
+    assert [s["modality"] for s in samples] == ["TYPE-LABEL", "MR", "CT"]
+    assert samples[0]["location"] == "CATEGORY-LABEL"
+    assert samples[0]["image"] == str(tmp_path / "images" / "a.png")
+    assert skipped == Counter({"record without required field": 1})
+    for label in ("TYPE-LABEL", "LOCATION-LABEL", "CATEGORY-LABEL", "MODALITY-LABEL", "FINDINGS-TEXT"):
+        assert all(label not in s["text"] for s in samples)
+
+
+def test_unparsable_json_line_names_file_and_line(lvm, tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"a": 1}\n{"a": \n')
+    with pytest.raises(SystemExit, match=r"bad\.jsonl:2: not a JSON object"):
+        lvm.read_jsonl(path)
+
+
+def test_labels_come_from_train_and_unknown_dev_label_is_an_error(lvm):
+    train = [{"modality": "MR"}, {"modality": "CT"}, {"modality": "MR"}]
+    names = lvm.label_names(train, "modality")
+    assert names == ["CT", "MR"]
+    assert lvm.encode_labels(train, "modality", names, "train").tolist() == [1, 0, 1]
+    with pytest.raises(SystemExit, match="'dev' has modality label"):
+        lvm.encode_labels([{"modality": "XR"}], "modality", names, "dev")
+    with pytest.raises(SystemExit, match="one modality class"):
+        lvm.label_names([{"modality": "CT"}], "modality")
+
+
+def test_missing_data_fails_with_layout_and_source(lvm, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        lvm.main(["--DATA_ROOT", str(tmp_path / "nowhere")])
+    message = str(e.value)
+    assert "nowhere" in message and "splitted_dataset" in message and lvm.MEDPIX_URL in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P"])
+def test_every_image_mode_decodes_to_rgb_of_the_asked_size(lvm, tmp_path, mode):
+    path = tmp_path / "x.png"
+    Image.new("RGB", (40, 30), (200, 100, 50)).convert(mode).save(path)
+    image = lvm.decode_image(str(path), 16)
+    assert image.shape == (3, 16, 16) and image.dtype == torch.uint8
+    assert image.float().mean() > 20  # not black: an opaque RGBA stays as it is
+
+
+def test_16_bit_grayscale_is_stretched_to_8_bit(lvm, tmp_path):
+    path = tmp_path / "x.png"
+    Image.fromarray(np.tile(np.linspace(0, 4000, 40, dtype=np.uint16), (30, 1))).save(path)  # 12-bit values, as CT
+    image = lvm.decode_image(str(path), 16)
+    assert image.shape == (3, 16, 16) and image.max() >= 240 and image.min() <= 15  # resizing averages the edges
+
+
+# caches -----------------------------------------------------------------------
+
+
+def test_image_cache_is_keyed_by_content_and_size(lvm, tmp_path):
+    path = tmp_path / "img.png"
+    Image.new("RGB", (20, 20), (10, 10, 10)).save(path)
+    first = [{"image": str(path)}]
+    store = lvm.load_images(first, 8, tmp_path / "cache", Counter())
+    old_key = first[0]["image_key"]
+    assert store[old_key].float().mean() == pytest.approx(10, abs=1)
+
+    Image.new("RGB", (20, 20), (250, 250, 250)).save(path)  # same path, new content
+    second = [{"image": str(path)}]
+    store = lvm.load_images(second, 8, tmp_path / "cache", Counter())
+    assert second[0]["image_key"] != old_key
+    assert store[second[0]["image_key"]].float().mean() == pytest.approx(250, abs=1)
+
+    third = [{"image": str(path)}]
+    store = lvm.load_images(third, 12, tmp_path / "cache", Counter())  # new size: a separate store
+    assert store[third[0]["image_key"]].shape == (3, 12, 12)
+    assert len(list((tmp_path / "cache").glob("images-*.pt"))) == 2
+
+
+def test_cache_computes_only_missing_keys_and_rebuilds_a_corrupt_store(lvm, tmp_path):
+    path = tmp_path / "store.pt"
+    calls = []
+
+    def compute(keys):
+        calls.append(list(keys))
+        return {k: torch.tensor(float(len(k))) for k in keys}
+
+    lvm.cached(path, ["a", "bb"], compute)
+    store = lvm.cached(path, ["bb", "ccc"], compute)
+    assert calls == [["a", "bb"], ["ccc"]]
+    assert store["ccc"].item() == 3
+    path.write_bytes(b"not a torch file")
+    store = lvm.cached(path, ["a"], compute)
+    assert calls[-1] == ["a"] and store["a"].item() == 1
+
+
+def test_settings_and_model_identity_change_the_key(lvm, tmp_path):
+    assert lvm.settings_key(size=64) != lvm.settings_key(size=128)
+    assert lvm.settings_key(a=1, b=2) == lvm.settings_key(b=2, a=1)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    before = lvm.model_identity(str(folder))
+    (folder / "config.json").write_text('{"dim": 2}')
+    assert lvm.model_identity(str(folder)) != before
+    assert lvm.model_identity("openai/clip-vit-base-patch32") == "openai/clip-vit-base-patch32"
+
+
+# distillation loss --------------------------------------------------------------
+
+
+def test_kd_loss_kl_term_vanishes_when_student_equals_teacher(lvm):
+    logits = torch.randn(8, 5)
+    labels = torch.randint(0, 5, (8,))
+    assert lvm.distillation_loss(logits, logits.clone(), labels, alpha=1.0, temperature=3.0).item() == pytest.approx(0, abs=1e-6)
+
+
+def test_kd_loss_scales_kl_by_temperature_squared(lvm):
+    student, teacher, labels = torch.randn(8, 5), torch.randn(8, 5), torch.randint(0, 5, (8,))
+    for t in (1.0, 2.0, 4.0):
+        kl = F.kl_div(F.log_softmax(student / t, 1), F.softmax(teacher / t, 1), reduction="batchmean")
+        assert lvm.distillation_loss(student, teacher, labels, 1.0, t).item() == pytest.approx(t * t * kl.item(), rel=1e-5)
+    mixed = lvm.distillation_loss(student, teacher, labels, 0.25, 2.0)
+    expected = 0.75 * F.cross_entropy(student, labels) + 0.25 * lvm.distillation_loss(student, teacher, labels, 1.0, 2.0)
+    assert mixed.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_kd_loss_with_alpha_zero_is_plain_cross_entropy(lvm):
+    student, teacher, labels = torch.randn(8, 5), torch.randn(8, 5), torch.randint(0, 5, (8,))
+    loss = lvm.distillation_loss(student, teacher, labels, 0.0, 4.0, label_smoothing=0.1)
+    assert loss.item() == pytest.approx(F.cross_entropy(student, labels, label_smoothing=0.1).item(), rel=1e-6)
+
+
+# student ------------------------------------------------------------------------
+
+
+def test_default_student_fits_the_parameter_budget(lvm):
+    student = lvm.Student(vocab_size=30522, pad_id=0, n_modality=2, n_location=5)
+    assert 1_000_000 < lvm.count_parameters(student) <= 5_000_000
+
+
+def test_forward_with_and_without_text(lvm):
+    torch.manual_seed(0)
+    student = small_student(lvm).eval()
+    images = torch.randn(3, 3, 32, 32)
+    ids = torch.randint(1, 50, (3, 7))
+    mask = torch.tensor([[1] * 7, [1, 1, 1, 0, 0, 0, 0], [0] * 7])
+    modality, location = student(images, ids, mask)
+    assert modality.shape == (3, 2) and location.shape == (3, 5)
+    text = student.encode_text(ids, mask)
+    assert torch.all(text[2] == 0) and text[0].abs().sum() > 0
+    # padding is invisible: changing ids past a sample's length changes nothing
+    ids2 = ids.clone()
+    ids2[1, 3:] = 7
+    assert torch.allclose(student.encode_text(ids2, mask)[1], text[1], atol=1e-6)
+    # no text at all: the prediction depends on the image only
+    no_text = torch.zeros_like(mask)
+    assert torch.allclose(student(images, ids, no_text)[0], student(images, ids2.flip(1), no_text)[0])
+
+
+def test_freeze_and_unfreeze_toggle_embedding_gradients(lvm):
+    student = small_student(lvm)
+    ids, mask = torch.randint(1, 50, (2, 5)), torch.ones(2, 5, dtype=torch.long)
+    for frozen in (True, False):
+        student.zero_grad(set_to_none=True)
+        lvm.set_embedding_frozen(student, frozen)
+        sum(o.sum() for o in student(torch.randn(2, 3, 16, 16), ids, mask)).backward()
+        assert (student.embedding.weight.grad is None) == frozen
+        assert student.lstm.weight_ih_l0.grad is not None and student.lstm.weight_ih_l0.grad.abs().sum() > 0
+
+
+def test_pca_embedding_has_the_students_width(lvm):
+    teacher = torch.randn(100, 32)
+    reduced = lvm.pca_embedding(teacher, 8)
+    assert reduced.shape == (100, 8)
+    assert reduced.std().item() == pytest.approx(1.0, rel=1e-3)
+    with pytest.raises(SystemExit, match="EMBED_DIM=64"):
+        lvm.pca_embedding(teacher, 64)
+
+
+def test_pruning_reaches_the_asked_sparsity_and_becomes_permanent(lvm):
+    student = small_student(lvm)
+    lvm.prune_global_l1(student, 0.3)
+    assert lvm.sparsity(student) == pytest.approx(0.3, abs=0.005)
+    lvm.make_pruning_permanent(student)
+    assert lvm.sparsity(student) == pytest.approx(0.3, abs=0.005)
+    assert not any(name.endswith("_orig") for name, _ in student.named_parameters())
+
+
+# teacher ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(lvm, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("teachers")
+    lvm.make_demo_teachers(folder / "clip", folder / "distilbert", seed=0)
+    cfg = lvm.parse_config(["--VISION_TEACHER", str(folder / "clip"), "--TEXT_TEACHER", str(folder / "distilbert"),
+                            "--CACHE_DIR", str(folder / "cache"), "--IMAGE_SIZE", "24"])
+    return cfg, lvm.load_teacher(cfg)
+
+
+def test_tiny_clip_and_distilbert_load_through_from_pretrained(tiny_teacher):
+    from transformers import CLIPModel, DistilBertModel
+    cfg, teacher = tiny_teacher
+    assert isinstance(teacher["clip"], CLIPModel) and isinstance(teacher["text"], DistilBertModel)
+    assert teacher["tokenizer"]("axial ct of the brain", add_special_tokens=False)["input_ids"][0] != \
+        teacher["tokenizer"].unk_token_id
+
+
+def test_image_features_handle_tensor_and_output_object(lvm, tiny_teacher, monkeypatch):
+    _, teacher = tiny_teacher
+    images = torch.randint(0, 255, (3, 3, 24, 24), dtype=torch.uint8)
+    cpu = torch.device("cpu")
+    features = lvm.image_features(teacher["clip"], teacher["processor"], images, cpu)  # installed transformers
+    assert features.shape == (3, teacher["clip"].config.projection_dim)
+    original = teacher["clip"].get_image_features
+    as_tensor = lambda **kw: (lambda out: out if torch.is_tensor(out) else out.pooler_output)(original(**kw))
+    monkeypatch.setattr(teacher["clip"], "get_image_features", as_tensor)  # transformers 4.x returns a tensor
+    assert torch.allclose(lvm.image_features(teacher["clip"], teacher["processor"], images, cpu), features)
+
+
+def test_teacher_features_are_cached_per_sample(lvm, tiny_teacher, monkeypatch):
+    cfg, teacher = tiny_teacher
+    images = {"k1": torch.full((3, 24, 24), 10, dtype=torch.uint8), "k2": torch.full((3, 24, 24), 200, dtype=torch.uint8)}
+    samples = [{"image_key": "k1", "text": "ct of the head"}, {"image_key": "k2", "text": ""}]
+    cpu = torch.device("cpu")
+    features = lvm.teacher_features(samples, images, teacher, cfg, cpu)
+    assert features.shape == (2, teacher["clip"].config.projection_dim + teacher["text"].config.dim)
+    monkeypatch.setattr(lvm, "image_features", lambda *a: pytest.fail("vision teacher ran again"))
+    monkeypatch.setattr(lvm, "text_features", lambda *a: pytest.fail("text teacher ran again"))
+    assert torch.equal(lvm.teacher_features(samples[::-1], images, teacher, cfg, cpu), features.flip(0))
+
+
+def test_teacher_heads_are_trained_before_use(lvm):
+    torch.manual_seed(0)
+    n = 120
+    labels = (torch.randint(0, 2, (n,)), torch.randint(0, 3, (n,)))
+    features = torch.randn(n, 6) + torch.nn.functional.one_hot(labels[0], 6) * 3 + \
+        torch.nn.functional.one_hot(labels[1] + 2, 6) * 3
+    cfg = lvm.parse_config(["--HEAD_EPOCHS", "200"])
+    split = {"train": slice(0, 80), "dev": slice(80, n)}
+    heads, logits = lvm.train_teacher_heads({s: features[i] for s, i in split.items()},
+                                            {s: tuple(y[i] for y in labels) for s, i in split.items()}, (2, 3), cfg)
+    for task_logits, y in zip(logits["dev"], labels):
+        assert (task_logits.argmax(1) == y[80:]).float().mean() > 0.9
+
+
+# command line -------------------------------------------------------------------
+
+
+def test_config_overrides_by_name(lvm):
+    cfg = lvm.parse_config(["--EPOCHS", "3", "--VISION_TEACHER", "None", "--LR", "1", "--DATA_ROOT", "some/path"])
+    assert cfg.EPOCHS == 3 and cfg.VISION_TEACHER is None and cfg.LR == 1.0 and isinstance(cfg.LR, float)
+    assert cfg.DATA_ROOT == "some/path" and cfg.TEXT_TEACHER == lvm.TEXT_TEACHER and not cfg.demo
+    assert "EPOCHS" in lvm.CONFIG_KEYS and "TOKENIZER" in lvm.CONFIG_KEYS and "F" not in lvm.CONFIG_KEYS
+    demo = lvm.parse_config(["--demo", "--EPOCHS", "2"])
+    assert demo.EPOCHS == 2 and demo.DATA_ROOT == lvm.DEMO["DATA_ROOT"]
+    for bad in (["--EPOCHS", "three"], ["--NOT_A_SETTING", "1"]):
+        with pytest.raises(SystemExit):
+            lvm.parse_config(bad)
+
+
+@pytest.mark.parametrize("key,value,expected", [("EPOCHS", "-1", "> 0"), ("HEAD_EPOCHS", "0", "> 0"),
+                                                ("PRUNE_AMOUNT", "1.0", "in [0, 1)"), ("KD_ALPHA", "1.5", "in [0, 1]"),
+                                                ("CNN_CHANNELS", "()", "a tuple of positive widths")])
+def test_out_of_range_values_stop_with_one_line(lvm, key, value, expected, capsys):
+    with pytest.raises(SystemExit) as e:
+        lvm.parse_config([f"--{key}", value])
+    assert e.value.code == 2
+    assert f"--{key} must be {expected}, got" in capsys.readouterr().err
+
+
+# the whole demo run ----------------------------------------------------------------
+
+
+def test_demo_run_writes_every_output(lvm, demo_run):
+    workdir, metrics = demo_run
+    rows = read_csv(workdir / "logs" / "training_log.csv")
+    assert rows[0] == ["epoch", "train_loss", "val_modality_acc", "val_location_acc", "modality_precision",
+                       "modality_recall", "modality_f1", "location_precision", "location_recall", "location_f1", "lr",
+                       "embedding_frozen", "seconds"]
+    epochs = lvm.DEMO["EPOCHS"]
+    assert [int(r[0]) for r in rows[1:]] == list(range(1, epochs + 1))
+    frozen = [int(r[11]) for r in rows[1:]]
+    assert frozen == [1] * lvm.DEMO["FREEZE_EPOCHS"] + [0] * (epochs - lvm.DEMO["FREEZE_EPOCHS"])
+    losses = [float(r[1]) for r in rows[1:]]
+    assert losses[-1] < losses[0]
+    for task, names in (("modality", ["CT", "MR"]), ("location", sorted(lvm.DEMO_LOCATIONS))):
+        for epoch in range(1, epochs + 1):
+            table = read_csv(workdir / "logs" / f"confusion_{task}_epoch_{epoch}.csv")
+            assert table[0][1:] == names and [r[0] for r in table[1:]] == names
+            assert sum(int(x) for r in table[1:] for x in r[1:]) == 60  # every dev sample counted once
+
+    saved = json.loads((workdir / "results" / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(metrics))
+    for model in ("teacher", "student", "student_int8"):
+        assert set(saved[model]) == {"dev", "test"}
+        for split in ("dev", "test"):
+            assert set(saved[model][split]) == {"modality_acc", "location_acc", "modality_f1", "location_f1"}
+    assert saved["student"]["dev"]["modality_acc"] > 0.8 and saved["student"]["dev"]["location_acc"] > 0.6
+    assert saved["student_file_bytes"] == (workdir / "results" / "lightweight_vlm.pth").stat().st_size
+    assert saved["student_int8_file_bytes"] == (workdir / "results" / "lightweight_vlm_int8.pt").stat().st_size
+    assert saved["student_int8_file_bytes"] < saved["student_file_bytes"]
+    assert saved["sparsity"] == pytest.approx(lvm.PRUNE_AMOUNT, abs=0.01)
+    assert saved["student_params"] > 0 and saved["teacher_params"] > 0
+    assert not list(workdir.rglob(".*.tmp"))  # no half-written file left behind
+
+
+def test_int8_student_loads_alone_and_agrees_with_float(lvm, demo_run):
+    workdir, _ = demo_run
+    float_model, meta = lvm.load_student(workdir / "results" / "lightweight_vlm.pth")
+    int8_model, int8_meta = lvm.load_student(workdir / "results" / "lightweight_vlm_int8.pt")
+    assert int8_meta["quantized"] and not meta["quantized"] and int8_meta["labels"] == meta["labels"]
+    assert {type(m).__module__ for m in (int8_model.lstm, int8_model.fusion[0], int8_model.modality_head)} == \
+        {"torch.ao.nn.quantized.dynamic.modules.rnn", "torch.ao.nn.quantized.dynamic.modules.linear"}
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(workdir / meta["tokenizer"])
+    samples = lvm.load_split(workdir / lvm.DEMO["DATA_ROOT"], "dev", Counter())
+    images = lvm.load_images(samples, meta["image_size"], workdir / "cache", Counter())
+    data = lvm.prepare_split(samples, images, tokenizer, meta["labels"], "dev", lvm.parse_config(["--demo"]))
+    cpu = torch.device("cpu")
+    for with_text in (True, False):
+        float_logits = lvm.predict(float_model, data, cpu, with_text=with_text)
+        int8_logits = lvm.predict(int8_model, data, cpu, with_text=with_text)
+        for f, q in zip(float_logits, int8_logits):
+            assert (f.argmax(1) == q.argmax(1)).float().mean() >= 0.9
+
+
+# real data (skipped where MedPix 2.0 is not beside the project) ----------------------
+
+
+@pytest.mark.skipif(not MEDPIX.exists(), reason="MedPix 2.0 not at ../shared/medpix")
+def test_medpix_splits_parse_with_expected_counts(lvm):
+    skipped = Counter()
+    train = lvm.load_split(MEDPIX, "train", skipped)
+    dev = lvm.load_split(MEDPIX, "dev", skipped)
+    assert (len(train), len(dev)) == (1653, 197) and not skipped
+    assert Counter(s["modality"] for s in train) == Counter(CT=878, MR=775)
+    assert lvm.label_names(train, "location") == sorted(["Head", "Abdomen", "Thorax", "Spine and Muscles",
+                                                         "Reproductive and Urinary System"])
+    assert sum(bool(s["text"]) for s in train) > 1600
