@@ -10,8 +10,9 @@ Run on MedPix 2.0 (layout: DATA_ROOT/images/*.png, DATA_ROOT/splitted_dataset/*.
 Any constant in the CONFIG block can be overridden on the command line by its own name:
     python light-weight-vlm.py --EPOCHS 3 --VISION_TEACHER None --TEXT_TEACHER path/to/bert
 Stages: data -> teacher features (cached) -> teacher heads -> distillation -> pruning and
-int8 quantization -> evaluation. Outputs: logs/training_log.csv, logs/confusion_*_epoch_<n>.csv,
-results/lightweight_vlm.pth, results/lightweight_vlm_int8.pt, results/metrics.json.
+int8 quantization -> evaluation. Outputs: logs/teacher.csv, logs/training_log.csv,
+logs/confusion_*_epoch_<n>.csv, results/lightweight_vlm.pth, results/lightweight_vlm_int8.pt,
+results/metrics.json.
 """
 
 import argparse
@@ -112,11 +113,23 @@ def fail(message: str) -> None:
     raise SystemExit(f"light-weight-vlm: error: {message}")
 
 
-def parse_value(text: str):
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text  # a bare string such as a path or a hub id
+def setting_parser(key: str) -> Callable[[str], object]:
+    """Command-line text to a value of the same type as the constant's default."""
+    default = globals()[key]
+
+    def parse(text: str):
+        if default is None or isinstance(default, str):  # a path or a hub id; None switches it off
+            return None if text == "None" else text
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        if isinstance(default, float) and type(value) is int:
+            value = float(value)
+        if type(value) is not type(default):
+            raise argparse.ArgumentTypeError(f"expected a value like {default!r}, got {text!r}")
+        return value
+    return parse
 
 
 def parse_config(argv: list[str]) -> argparse.Namespace:
@@ -125,27 +138,15 @@ def parse_config(argv: list[str]) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo", action="store_true", help="synthetic data and tiny teachers, no download")
     for key in CONFIG_KEYS:
-        parser.add_argument(f"--{key}", type=parse_value, default=None, metavar="VALUE",
+        parser.add_argument(f"--{key}", type=setting_parser(key), default=argparse.SUPPRESS, metavar="VALUE",
                             help=f"default: {globals()[key]!r}")
-    args = parser.parse_args(argv)
-    cfg = {key: globals()[key] for key in CONFIG_KEYS}
-    if args.demo:
-        cfg.update(DEMO)
-    for key in CONFIG_KEYS:
-        value = getattr(args, key)
-        if value is None and f"--{key}" not in argv:
-            continue
-        default = globals()[key]
-        if isinstance(default, bool) or (default is not None and not isinstance(value, type(default))
-                                         and not (isinstance(default, float) and isinstance(value, int))
-                                         and not (isinstance(default, str) and value is None)):
-            parser.error(f"--{key}: expected a value like {default!r}, got {value!r}")
-        cfg[key] = float(value) if isinstance(default, float) else value
+    overrides = vars(parser.parse_args(argv))
+    demo = overrides.pop("demo")
+    cfg = {key: globals()[key] for key in CONFIG_KEYS} | (DEMO if demo else {}) | overrides
     for key, ok, expected in config_ranges(cfg):
         if not ok:
             parser.error(f"--{key} must be {expected}, got {cfg[key]!r}")
-    cfg["demo"] = args.demo
-    return argparse.Namespace(**cfg)
+    return argparse.Namespace(**cfg, demo=demo)
 
 
 def config_ranges(cfg: dict) -> list[tuple[str, bool, str]]:
@@ -183,6 +184,13 @@ def write_csv(path: Path, rows: list[list]) -> None:
 
 def write_json(path: Path, obj) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    def write(tmp):
+        with jsonlines.open(tmp, "w") as writer:
+            writer.write_all(records)
+    atomic_write(path, write)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -632,9 +640,9 @@ def train_student(student: nn.Module, data: dict, cfg, names: dict, meta: dict, 
         lr = optimizer.param_groups[0]["lr"]  # where the schedule stands at the end of the epoch
         dev = evaluate_logits(predict(student, data["dev"], device), data["dev"], names)
         m, loc = dev["modality"], dev["location"]
-        rows.append([epoch, round(loss, 5), round(m["acc"], 4), round(loc["acc"], 4), *[round(m[k], 4) for k in
-                     ("precision", "recall", "f1")], *[round(loc[k], 4) for k in ("precision", "recall", "f1")],
-                     f"{lr:.3g}", int(frozen), round(time.time() - start, 2)])
+        macro = [round(dev[task][k], 4) for task in TASKS for k in ("precision", "recall", "f1")]
+        rows.append([epoch, round(loss, 5), round(m["acc"], 4), round(loc["acc"], 4), *macro, f"{lr:.3g}",
+                     int(frozen), round(time.time() - start, 2)])
         write_csv(log_dir / "training_log.csv", rows)
         for task in TASKS:
             write_csv(log_dir / f"confusion_{task}_epoch_{epoch}.csv", confusion_rows(dev[task]["confusion"], names[task]))
@@ -810,7 +818,7 @@ def make_demo_data(root: Path, seed: int, sizes: dict[str, int] = None) -> None:
             cases.append({"U_id": uid, "TAC": images["CT"], "MRI": images["MR"], "Case": {
                 "History": rng.choice(DEMO_FILLER), "Title": "demo case"}, "Topic": {"Category": "demo"}})
         for path, records in zip(split_files(root, split), (cases, descriptions)):
-            atomic_write(path, lambda tmp, r=records: jsonlines.open(tmp, "w").write_all(r))
+            write_jsonl(path, records)
 
 
 def make_demo_teachers(vision_dir: Path, text_dir: Path, seed: int) -> None:
@@ -893,6 +901,9 @@ def main(argv: list[str] | None = None) -> dict:
     for split in data:
         data[split]["teacher"] = teacher_logits[split]
     metrics = {"teacher": {s: summary(evaluate_logits(teacher_logits[s], data[s], names)) for s in data}}
+    columns = list(metrics["teacher"]["dev"])
+    write_csv(Path(cfg.LOG_DIR) / "teacher.csv", [["split", *columns]] +
+              [[split, *values.values()] for split, values in metrics["teacher"].items()])
     print("teacher dev: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics["teacher"]["dev"].items()))
 
     # student

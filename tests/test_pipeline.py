@@ -293,16 +293,20 @@ def test_teacher_heads_are_trained_before_use(lvm):
 # command line -------------------------------------------------------------------
 
 
-def test_config_overrides_by_name(lvm):
+def test_config_overrides_by_name(lvm, capsys):
     cfg = lvm.parse_config(["--EPOCHS", "3", "--VISION_TEACHER", "None", "--LR", "1", "--DATA_ROOT", "some/path"])
     assert cfg.EPOCHS == 3 and cfg.VISION_TEACHER is None and cfg.LR == 1.0 and isinstance(cfg.LR, float)
     assert cfg.DATA_ROOT == "some/path" and cfg.TEXT_TEACHER == lvm.TEXT_TEACHER and not cfg.demo
     assert "EPOCHS" in lvm.CONFIG_KEYS and "TOKENIZER" in lvm.CONFIG_KEYS and "F" not in lvm.CONFIG_KEYS
     demo = lvm.parse_config(["--demo", "--EPOCHS", "2"])
     assert demo.EPOCHS == 2 and demo.DATA_ROOT == lvm.DEMO["DATA_ROOT"]
-    for bad in (["--EPOCHS", "three"], ["--NOT_A_SETTING", "1"]):
+    assert lvm.parse_config(["--TEXT_TEACHER", "123", "--TOKENIZER", "tok"]).TEXT_TEACHER == "123"  # a folder name
+    for bad, message in ((["--EPOCHS", "three"], "--EPOCHS: expected a value like 20, got 'three'"),
+                         (["--EPOCHS", "2.5"], "--EPOCHS: expected a value like 20"),
+                         (["--NOT_A_SETTING", "1"], "unrecognized arguments: --NOT_A_SETTING")):
         with pytest.raises(SystemExit):
             lvm.parse_config(bad)
+        assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("key,value,expected", [("EPOCHS", "-1", "> 0"), ("HEAD_EPOCHS", "0", "> 0"),
@@ -337,6 +341,9 @@ def test_demo_run_writes_every_output(lvm, demo_run):
             assert sum(int(x) for r in table[1:] for x in r[1:]) == 60  # every dev sample counted once
 
     saved = json.loads((workdir / "results" / "metrics.json").read_text())
+    teacher_log = read_csv(workdir / "logs" / "teacher.csv")
+    assert teacher_log[0] == ["split", "modality_acc", "modality_f1", "location_acc", "location_f1"]
+    assert {r[0]: float(r[3]) for r in teacher_log[1:]}["dev"] == saved["teacher"]["dev"]["location_acc"]
     assert saved == json.loads(json.dumps(metrics))
     for model in ("teacher", "student", "student_int8"):
         assert set(saved[model]) == {"dev", "test"}
