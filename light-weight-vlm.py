@@ -52,7 +52,7 @@ CACHE_DIR = "cache"  # decoded images and teacher features, keyed by content and
 LOG_DIR = "logs"  # training_log.csv and per-epoch confusion matrices
 RESULTS_DIR = "results"  # model files and metrics.json
 IMAGE_SIZE = 112  # every image is decoded once and resized to IMAGE_SIZE x IMAGE_SIZE
-MAX_TOKENS = 128  # input text (History + Caption) is truncated to this many tokens
+MAX_TOKENS = 128  # input text (Caption, then History) is truncated to this many tokens
 # teacher: frozen backbones, features computed once per sample; small heads trained on them
 VISION_TEACHER = "openai/clip-vit-base-patch32"  # hub id or local folder; None: no vision tower
 TEXT_TEACHER = "distilbert/distilbert-base-uncased"  # hub id or local folder; None: no text tower
@@ -64,15 +64,20 @@ HEAD_PATIENCE = 30  # ... stopped early when dev mean macro-F1 has not improved 
 HEAD_LR = 1e-3
 # student
 CNN_CHANNELS = (16, 32, 64, 128, 256)  # one conv-BN-ReLU-maxpool block per width
-EMBED_DIM = 64  # token embedding width (PCA of the teacher's embeddings when tokenizers match)
+EMBED_DIM = 64  # token embedding width
+PCA_EMBEDDING = True  # start the embedding as the PCA of the teacher's, when the tokenizers match
 LSTM_HIDDEN = 96  # per direction; the text vector is the masked mean of both directions
 FUSION_DIM = 256  # width of the fused image + text layer in front of the two heads
 DROPOUT = 0.2
 TEXT_DROPOUT = 0.3  # fraction of training samples whose whole text is removed
+IMAGE_ONLY_LOSS = 1.0  # weight of the same loss computed again with every text removed, so that the
+# image path learns to decide alone rather than lean on captions that 1653 samples let it overfit (0: off)
 # distillation: loss = (1 - KD_ALPHA) * CE + KD_ALPHA * T^2 * KL, per task
 KD_ALPHA = 0.5
 KD_TEMPERATURE = 4.0
 LABEL_SMOOTHING = 0.1
+FEATURE_KD = 1.0  # weight of the feature term: cosine distance of the student's image and text vectors,
+# through a linear adapter each, to the teacher's features of the same tower (0: off)
 # training
 EPOCHS = 20
 BATCH_SIZE = 32
@@ -82,6 +87,7 @@ WEIGHT_DECAY = 0.05
 WARMUP_EPOCHS = 1
 GRAD_CLIP = 1.0  # max global gradient norm
 FREEZE_EPOCHS = 5  # the student's token embedding is frozen for this many epochs
+EMA_DECAY = 0.99  # dev evaluation and the saved model use this moving average of the weights (0: off)
 # compression
 PRUNE_AMOUNT = 0.3  # fraction of conv and linear weights zeroed by global L1 magnitude
 PRUNE_FINETUNE_EPOCHS = 2  # recovery fine-tune with the pruning masks applied
@@ -154,10 +160,11 @@ def config_ranges(cfg: dict) -> list[tuple[str, bool, str]]:
                 "HEAD_LR", "EMBED_DIM", "LSTM_HIDDEN", "FUSION_DIM", "KD_TEMPERATURE", "EPOCHS", "BATCH_SIZE",
                 "GRAD_ACCUM_STEPS", "LR", "GRAD_CLIP", "PRUNE_LR")
     fractions = ("DROPOUT", "TEXT_DROPOUT", "KD_ALPHA", "LABEL_SMOOTHING")
-    counts = ("WARMUP_EPOCHS", "FREEZE_EPOCHS", "PRUNE_FINETUNE_EPOCHS", "WEIGHT_DECAY")
+    counts = ("WARMUP_EPOCHS", "FREEZE_EPOCHS", "PRUNE_FINETUNE_EPOCHS", "WEIGHT_DECAY", "FEATURE_KD", "IMAGE_ONLY_LOSS")
     channels = cfg["CNN_CHANNELS"]
     return ([(k, cfg[k] > 0, "> 0") for k in positive] + [(k, 0 <= cfg[k] <= 1, "in [0, 1]") for k in fractions] +
-            [(k, cfg[k] >= 0, ">= 0") for k in counts] + [("PRUNE_AMOUNT", 0 <= cfg["PRUNE_AMOUNT"] < 1, "in [0, 1)"),
+            [(k, cfg[k] >= 0, ">= 0") for k in counts] + [(k, 0 <= cfg[k] < 1, "in [0, 1)") for k in
+                                                           ("PRUNE_AMOUNT", "EMA_DECAY")] + [
              ("CNN_CHANNELS", len(channels) > 0 and all(isinstance(c, int) and c > 0 for c in channels),
               "a tuple of positive widths")])
 
@@ -215,9 +222,10 @@ def split_files(root: Path, split: str) -> tuple[Path, Path]:
     return folder / f"data_{split}.jsonl", folder / f"descriptions_{split}.jsonl"
 
 
-def assemble_text(history: str | None, caption: str | None) -> str:
-    """The model's input text. Label fields (Type, Modality, Location, ...) never enter it."""
-    return " ".join(part.strip() for part in (history, caption) if isinstance(part, str) and part.strip())
+def assemble_text(caption: str | None, history: str | None) -> str:
+    """The model's input text: the image's Caption, then the case's History, so that truncation cuts
+    the shared case history rather than the image's own words. No label field ever enters it."""
+    return " ".join(part.strip() for part in (caption, history) if isinstance(part, str) and part.strip())
 
 
 def load_split(root: Path, split: str, skipped: Counter) -> list[dict]:
@@ -234,7 +242,7 @@ def load_split(root: Path, split: str, skipped: Counter) -> list[dict]:
         description = record.get("Description") or {}
         samples.append(dict(
             image=str(root / "images" / f"{record['image']}.png"),
-            text=assemble_text((case.get("Case") or {}).get("History"), description.get("Caption")),
+            text=assemble_text(description.get("Caption"), (case.get("Case") or {}).get("History")),
             modality=record["Type"],
             location=record["Location Category"],
         ))
@@ -397,17 +405,18 @@ def batched_features(keys: list[str], inputs: dict, extract: Callable, batch_siz
     return out
 
 
-def teacher_features(samples: list[dict], images: dict, teacher: dict, cfg, device: torch.device) -> torch.Tensor:
-    """Frozen backbone features per sample, computed once and cached by content and teacher."""
+def teacher_features(samples: list[dict], images: dict, teacher: dict, cfg, device: torch.device) -> dict:
+    """Frozen backbone features per sample and tower ('image', 'text'), computed once and cached by
+    content and teacher."""
     cache_dir = Path(cfg.CACHE_DIR)
-    parts = []
+    parts = {}
     if "clip" in teacher:
         clip = teacher["clip"].to(device)
         key = settings_key(model=model_identity(cfg.VISION_TEACHER), size=cfg.IMAGE_SIZE, pooling="clip-projection")
         store = cached(cache_dir / f"vision-{key}.pt", [s["image_key"] for s in samples], lambda keys: batched_features(
             keys, images, lambda x: image_features(clip, teacher["processor"], torch.stack(x), device),
             cfg.TEACHER_BATCH_SIZE, "vision teacher"))
-        parts.append(torch.stack([store[s["image_key"]] for s in samples]))
+        parts["image"] = torch.stack([store[s["image_key"]] for s in samples])
     if "text" in teacher:
         model = teacher["text"].to(device)
         texts = {sha256(s["text"]): s["text"] for s in samples}
@@ -415,8 +424,8 @@ def teacher_features(samples: list[dict], images: dict, teacher: dict, cfg, devi
         store = cached(cache_dir / f"text-{key}.pt", list(texts), lambda keys: batched_features(
             keys, texts, lambda x: text_features(model, teacher["tokenizer"], x, cfg.MAX_TOKENS, device),
             cfg.TEACHER_BATCH_SIZE, "text teacher"))
-        parts.append(torch.stack([store[sha256(s["text"])] for s in samples]))
-    return torch.cat(parts, dim=1)
+        parts["text"] = torch.stack([store[sha256(s["text"])] for s in samples])
+    return parts
 
 
 def teacher_heads(in_dim: int, n_modality: int, n_location: int, hidden: int) -> nn.Module:
@@ -490,9 +499,15 @@ class Student(nn.Module):
         mask = attention_mask[..., None].to(out.dtype)
         return (out * mask).sum(1) / lengths.clamp(min=1)[:, None].to(out.dtype)
 
-    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        fused = self.fusion(torch.cat([self.cnn(images), self.encode_text(input_ids, attention_mask)], dim=1))
+    def embed(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+        return dict(image=self.cnn(images), text=self.encode_text(input_ids, attention_mask))
+
+    def classify(self, vectors: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        fused = self.fusion(torch.cat([vectors["image"], vectors["text"]], dim=1))
         return self.modality_head(fused), self.location_head(fused)
+
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        return self.classify(self.embed(images, input_ids, attention_mask))
 
 
 def student_kwargs(cfg, tokenizer, n_classes: tuple[int, int]) -> dict:
@@ -539,6 +554,23 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return (1 - alpha) * ce + alpha * temperature ** 2 * kl
 
 
+def feature_loss(student_vectors: dict, teacher_vectors: dict, adapters: nn.ModuleDict, has_text: torch.Tensor):
+    """Mean cosine distance between each student tower's vector, mapped by its adapter, and the teacher's
+    feature of the same tower; text only where the sample still has text."""
+    losses = []
+    for tower, adapter in adapters.items():
+        distance = 1 - F.cosine_similarity(adapter(student_vectors[tower].float()), teacher_vectors[tower], dim=1)
+        keep = has_text if tower == "text" else torch.ones_like(has_text)
+        losses.append(distance[keep].mean() if keep.any() else distance.sum() * 0)
+    return sum(losses)
+
+
+def feature_adapters(student: Student, features: dict) -> nn.ModuleDict:
+    """Linear maps from the student's image and text vectors to the teacher's feature widths (training only)."""
+    widths = dict(image=student.fusion[0].in_features - 2 * student.lstm.hidden_size, text=2 * student.lstm.hidden_size)
+    return nn.ModuleDict({tower: nn.Linear(widths[tower], f.shape[1]) for tower, f in features.items()})
+
+
 # -----------------------------------------------------------------------------
 # training
 
@@ -549,8 +581,9 @@ def augmenter(size: int) -> v2.Compose:
 
 
 def train_epoch(student: nn.Module, data: dict, optimizer, scheduler, scaler, cfg, device: torch.device,
-                generator: torch.Generator) -> float:
-    """One pass over the train split; returns the mean loss per batch."""
+                generator: torch.Generator, adapters: nn.ModuleDict | None = None, ema=None) -> float:
+    """One pass over the train split; returns the mean loss per batch. With adapters, the feature-level
+    distillation term is added; with ema, the averaged model follows every optimizer step."""
     student.train()
     augment = augmenter(cfg.IMAGE_SIZE)
     order = torch.randperm(len(data["labels"][0]), generator=generator)
@@ -561,19 +594,30 @@ def train_epoch(student: nn.Module, data: dict, optimizer, scheduler, scaler, cf
         images = normalize(torch.stack([augment(data["images"][i]) for i in idx])).to(device)
         mask = data["mask"][idx].clone()
         mask[torch.rand(len(idx), generator=generator) < cfg.TEXT_DROPOUT] = 0  # whole-text dropout
+        mask = mask.to(device)
+        targets = [(t[idx].to(device), y[idx].to(device)) for t, y in zip(data["teacher"], data["labels"])]
+        task_loss = lambda logits: sum(distillation_loss(lg, t, y, cfg.KD_ALPHA, cfg.KD_TEMPERATURE, cfg.LABEL_SMOOTHING)
+                                       for lg, (t, y) in zip(logits, targets))
         with autocast(device):
-            logits = student(images, data["ids"][idx].to(device), mask.to(device))
-        loss = sum(distillation_loss(lg, tl[idx].to(device), y[idx].to(device), cfg.KD_ALPHA, cfg.KD_TEMPERATURE,
-                                     cfg.LABEL_SMOOTHING) for lg, tl, y in zip(logits, data["teacher"], data["labels"]))
+            vectors = student.embed(images, data["ids"][idx].to(device), mask)
+            loss = task_loss(student.classify(vectors))
+            if cfg.IMAGE_ONLY_LOSS > 0:
+                image_only = student.classify(dict(vectors, text=torch.zeros_like(vectors["text"])))
+                loss = loss + cfg.IMAGE_ONLY_LOSS * task_loss(image_only)
+        if adapters is not None and cfg.FEATURE_KD > 0:
+            teacher_vectors = {tower: f[idx].to(device) for tower, f in data["features"].items()}
+            loss = loss + cfg.FEATURE_KD * feature_loss(vectors, teacher_vectors, adapters, mask.sum(1) > 0)
         scaler.scale(loss / cfg.GRAD_ACCUM_STEPS).backward()
         if step % cfg.GRAD_ACCUM_STEPS == 0 or step == len(batches):
             scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(student.parameters(), cfg.GRAD_CLIP)
+            nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], cfg.GRAD_CLIP)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             if scheduler is not None:
                 scheduler.step()
+            if ema is not None:
+                ema.update_parameters(student)
         total += loss.item()
     return total / len(batches)
 
@@ -618,9 +662,14 @@ def save_student(path: Path, student: nn.Module, meta: dict) -> None:
 
 def train_student(student: nn.Module, data: dict, cfg, names: dict, meta: dict, device: torch.device) -> dict:
     """Distil for EPOCHS epochs, log each one, keep the checkpoint with the best dev mean macro-F1."""
+    from torch.optim.swa_utils import AveragedModel
     from transformers import get_cosine_schedule_with_warmup
     log_dir, results = Path(cfg.LOG_DIR), Path(cfg.RESULTS_DIR)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.LR, weight_decay=cfg.WEIGHT_DECAY)
+    adapters = feature_adapters(student, data["train"]["features"]).to(device)
+    optimizer = torch.optim.AdamW([*student.parameters(), *adapters.parameters()], lr=cfg.LR,
+                                  weight_decay=cfg.WEIGHT_DECAY)
+    ema = AveragedModel(student, avg_fn=ema_update(cfg.EMA_DECAY), use_buffers=True) if cfg.EMA_DECAY > 0 else None
+    evaluated = ema.module if ema else student
     steps_per_epoch = math.ceil(math.ceil(len(data["train"]["labels"][0]) / cfg.BATCH_SIZE) / cfg.GRAD_ACCUM_STEPS)
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.WARMUP_EPOCHS * steps_per_epoch,
                                                 cfg.EPOCHS * steps_per_epoch)
@@ -636,9 +685,9 @@ def train_student(student: nn.Module, data: dict, cfg, names: dict, meta: dict, 
         if student.embedding.weight.requires_grad == frozen:
             set_embedding_frozen(student, frozen)
             tqdm.write(f"epoch {epoch}: token embedding {'frozen' if frozen else 'unfrozen'}")
-        loss = train_epoch(student, data["train"], optimizer, scheduler, scaler, cfg, device, generator)
+        loss = train_epoch(student, data["train"], optimizer, scheduler, scaler, cfg, device, generator, adapters, ema)
         lr = optimizer.param_groups[0]["lr"]  # where the schedule stands at the end of the epoch
-        dev = evaluate_logits(predict(student, data["dev"], device), data["dev"], names)
+        dev = evaluate_logits(predict(evaluated, data["dev"], device), data["dev"], names)
         m, loc = dev["modality"], dev["location"]
         macro = [round(dev[task][k], 4) for task in TASKS for k in ("precision", "recall", "f1")]
         rows.append([epoch, round(loss, 5), round(m["acc"], 4), round(loc["acc"], 4), *macro, f"{lr:.3g}",
@@ -650,11 +699,20 @@ def train_student(student: nn.Module, data: dict, cfg, names: dict, meta: dict, 
         marker = ""
         if score > best["score"]:
             best = dict(score=score, epoch=epoch)
-            save_student(results / "lightweight_vlm.pth", student, meta)
+            save_student(results / "lightweight_vlm.pth", evaluated, meta)
             marker = " (best, saved)"
         tqdm.write(f"epoch {epoch:3d} | loss {loss:.4f} | dev modality acc {m['acc']:.3f} f1 {m['f1']:.3f} | "
                    f"location acc {loc['acc']:.3f} f1 {loc['f1']:.3f} | {time.time() - start:.1f}s{marker}")
     return best
+
+
+def ema_update(decay: float) -> Callable:
+    """Exponential moving average whose decay ramps up over the first steps, so that a short run's
+    average is not dominated by the initial weights."""
+    def update(averaged: torch.Tensor, current: torch.Tensor, n_averaged: torch.Tensor) -> torch.Tensor:
+        d = min(decay, (1 + float(n_averaged)) / (10 + float(n_averaged)))
+        return d * averaged + (1 - d) * current
+    return update
 
 
 def grad_scaler(device: torch.device) -> torch.amp.GradScaler:
@@ -737,12 +795,21 @@ def summary(metrics: dict[str, dict]) -> dict:
     return {f"{task}_{k}": round(float(metrics[task][k]), 4) for task in TASKS for k in ("acc", "f1")}
 
 
+def evaluate_student(model: nn.Module, data: dict, names: dict, device: torch.device) -> dict:
+    """Metrics per evaluated split, with the text removed too (key 'image_only')."""
+    return {split: summary(evaluate_logits(predict(model, d, device), d, names)) |
+            {"image_only": summary(evaluate_logits(predict(model, d, device, with_text=False), d, names))}
+            for split, d in data.items() if split != "train"}
+
+
 def print_table(metrics: dict) -> None:
     columns = [f"{task}_{k}" for task in TASKS for k in ("acc", "f1")]
-    print(f"\n{'model':<14}{'split':<7}" + "".join(f"{c:>14}" for c in columns))
+    print(f"\n{'model':<26}{'split':<7}" + "".join(f"{c:>14}" for c in columns))
     for model in ("teacher", "student", "student_int8"):
         for split, values in metrics[model].items():
-            print(f"{model:<14}{split:<7}" + "".join(f"{values[c]:>14.4f}" for c in columns))
+            for name, row in ((model, values), (f"{model} (image only)", values.get("image_only"))):
+                if row:
+                    print(f"{name:<26}{split:<7}" + "".join(f"{row[c]:>14.4f}" for c in columns))
     print(f"parameters: teacher {metrics['teacher_params']:,}, student {metrics['student_params']:,} | "
           f"files: float {metrics['student_file_bytes']:,} B, int8 {metrics['student_int8_file_bytes']:,} B | "
           f"sparsity {metrics['sparsity']:.3f}")
@@ -896,10 +963,11 @@ def main(argv: list[str] | None = None) -> dict:
     features = {split: teacher_features(samples, images, teacher, cfg, device) for split, samples in splits.items()}
     tokenizer = student_tokenizer(cfg, teacher)
     data = {split: prepare_split(samples, images, tokenizer, names, split, cfg) for split, samples in splits.items()}
-    heads, teacher_logits = train_teacher_heads(features, {s: d["labels"] for s, d in data.items()}, n_classes, cfg)
+    heads, teacher_logits = train_teacher_heads({s: torch.cat(list(f.values()), dim=1) for s, f in features.items()},
+                                                {s: d["labels"] for s, d in data.items()}, n_classes, cfg)
     teacher_params += count_parameters(heads)
     for split in data:
-        data[split]["teacher"] = teacher_logits[split]
+        data[split].update(teacher=teacher_logits[split], features=features[split])
     metrics = {"teacher": {s: summary(evaluate_logits(teacher_logits[s], data[s], names)) for s in data}}
     columns = list(metrics["teacher"]["dev"])
     write_csv(Path(cfg.LOG_DIR) / "teacher.csv", [["split", *columns]] +
@@ -910,7 +978,7 @@ def main(argv: list[str] | None = None) -> dict:
     kwargs = student_kwargs(cfg, tokenizer, n_classes)
     student = Student(**kwargs)
     tokenizer_name = cfg.TOKENIZER or cfg.TEXT_TEACHER
-    if "text" in teacher and tokenizer_name == cfg.TEXT_TEACHER:
+    if cfg.PCA_EMBEDDING and "text" in teacher and tokenizer_name == cfg.TEXT_TEACHER:
         with torch.no_grad():
             student.embedding.weight.copy_(pca_embedding(teacher["text"].get_input_embeddings().weight, cfg.EMBED_DIM))
         print(f"student embedding: PCA of {cfg.TEXT_TEACHER}'s token embeddings to {cfg.EMBED_DIM} dims")
@@ -925,13 +993,11 @@ def main(argv: list[str] | None = None) -> dict:
     # pruning and quantization
     float_path = Path(cfg.RESULTS_DIR) / "lightweight_vlm.pth"
     student, _ = load_student(float_path)
-    metrics["student"] = {s: summary(evaluate_logits(predict(student.to(device), data[s], device), data[s], names))
-                          for s in data if s != "train"}
+    metrics["student"] = evaluate_student(student.to(device), data, names, device)
     compressed = compress(student.to(device), data, cfg, meta, device)
     int8, _ = load_student(compressed["path"])
     cpu = torch.device("cpu")
-    metrics["student_int8"] = {s: summary(evaluate_logits(predict(int8, data[s], cpu), data[s], names))
-                               for s in data if s != "train"}
+    metrics["student_int8"] = evaluate_student(int8, data, names, cpu)
     metrics["teacher"].pop("train")
 
     # reporting

@@ -34,7 +34,7 @@ def read_csv(path: Path) -> list[list[str]]:
 # data -------------------------------------------------------------------------
 
 
-def test_text_is_history_plus_caption_and_never_a_label_field(lvm, tmp_path):
+def test_text_is_caption_then_history_and_never_a_label_field(lvm, tmp_path):
     (tmp_path / "images").mkdir()
     cases = [{"U_id": "C1", "Case": {"History": "  58 yo man with pain. ", "Findings": "FINDINGS-TEXT"}},
              {"U_id": "C2", "Case": {"History": None}}]
@@ -48,7 +48,7 @@ def test_text_is_history_plus_caption_and_never_a_label_field(lvm, tmp_path):
     write_split(tmp_path, "train", cases, descriptions)
     skipped = Counter()
     samples = lvm.load_split(tmp_path, "train", skipped)
-    assert [s["text"] for s in samples] == ["58 yo man with pain. Axial slice.", "", ""]
+    assert [s["text"] for s in samples] == ["Axial slice. 58 yo man with pain.", "", ""]
     assert [s["modality"] for s in samples] == ["TYPE-LABEL", "MR", "CT"]
     assert samples[0]["location"] == "CATEGORY-LABEL"
     assert samples[0]["image"] == str(tmp_path / "images" / "a.png")
@@ -176,6 +176,25 @@ def test_kd_loss_with_alpha_zero_is_plain_cross_entropy(lvm):
     assert loss.item() == pytest.approx(F.cross_entropy(student, labels, label_smoothing=0.1).item(), rel=1e-6)
 
 
+def test_feature_loss_is_zero_for_matching_directions_and_ignores_removed_text(lvm):
+    adapters = torch.nn.ModuleDict({"image": torch.nn.Identity(), "text": torch.nn.Identity()})
+    student = {"image": torch.randn(4, 6), "text": torch.randn(4, 6)}
+    teacher = {"image": 3 * student["image"], "text": 2 * student["text"]}
+    has_text = torch.tensor([True, True, False, False])
+    assert lvm.feature_loss(student, teacher, adapters, has_text).item() == pytest.approx(0, abs=1e-6)
+    teacher["text"][2:] = -teacher["text"][2:]  # opposite directions, but these samples have no text
+    assert lvm.feature_loss(student, teacher, adapters, has_text).item() == pytest.approx(0, abs=1e-6)
+    teacher["image"][0] = -teacher["image"][0]  # distance 2 on one of four images
+    assert lvm.feature_loss(student, teacher, adapters, has_text).item() == pytest.approx(0.5, abs=1e-5)
+
+
+def test_ema_follows_the_weights_quickly_at_first_then_slowly(lvm):
+    update = lvm.ema_update(0.99)
+    averaged, current = torch.zeros(3), torch.ones(3)
+    assert update(averaged, current, torch.tensor(0)).tolist() == pytest.approx([0.9] * 3)  # decay 1/10 at first
+    assert update(averaged, current, torch.tensor(10_000)).tolist() == pytest.approx([0.01] * 3)
+
+
 # student ------------------------------------------------------------------------
 
 
@@ -270,10 +289,12 @@ def test_teacher_features_are_cached_per_sample(lvm, tiny_teacher, monkeypatch):
     samples = [{"image_key": "k1", "text": "ct of the head"}, {"image_key": "k2", "text": ""}]
     cpu = torch.device("cpu")
     features = lvm.teacher_features(samples, images, teacher, cfg, cpu)
-    assert features.shape == (2, teacher["clip"].config.projection_dim + teacher["text"].config.dim)
+    assert features["image"].shape == (2, teacher["clip"].config.projection_dim)
+    assert features["text"].shape == (2, teacher["text"].config.dim)
     monkeypatch.setattr(lvm, "image_features", lambda *a: pytest.fail("vision teacher ran again"))
     monkeypatch.setattr(lvm, "text_features", lambda *a: pytest.fail("text teacher ran again"))
-    assert torch.equal(lvm.teacher_features(samples[::-1], images, teacher, cfg, cpu), features.flip(0))
+    again = lvm.teacher_features(samples[::-1], images, teacher, cfg, cpu)  # keyed by content, not position
+    assert all(torch.equal(again[tower], features[tower].flip(0)) for tower in features)
 
 
 def test_teacher_heads_are_trained_before_use(lvm):
@@ -348,7 +369,10 @@ def test_demo_run_writes_every_output(lvm, demo_run):
     for model in ("teacher", "student", "student_int8"):
         assert set(saved[model]) == {"dev", "test"}
         for split in ("dev", "test"):
-            assert set(saved[model][split]) == {"modality_acc", "location_acc", "modality_f1", "location_f1"}
+            keys = {"modality_acc", "location_acc", "modality_f1", "location_f1"}
+            assert set(saved[model][split]) == (keys if model == "teacher" else keys | {"image_only"})
+            if model != "teacher":
+                assert set(saved[model][split]["image_only"]) == keys
     assert saved["student"]["dev"]["modality_acc"] > 0.8 and saved["student"]["dev"]["location_acc"] > 0.6
     assert saved["student_file_bytes"] == (workdir / "results" / "lightweight_vlm.pth").stat().st_size
     assert saved["student_int8_file_bytes"] == (workdir / "results" / "lightweight_vlm_int8.pt").stat().st_size
