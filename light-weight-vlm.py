@@ -69,14 +69,14 @@ PCA_EMBEDDING = True  # start the embedding as the PCA of the teacher's, when th
 LSTM_HIDDEN = 96  # per direction; the text vector is the masked mean of both directions
 FUSION_DIM = 256  # width of the fused image + text layer in front of the two heads
 DROPOUT = 0.2
-TEXT_DROPOUT = 0.3  # fraction of training samples whose whole text is removed
+TEXT_DROPOUT = 0.5  # fraction of training samples whose whole text is removed
 IMAGE_ONLY_LOSS = 1.0  # weight of the same loss computed again with every text removed, so that the
 # image path learns to decide alone rather than lean on captions that 1653 samples let it overfit (0: off)
 # distillation: loss = (1 - KD_ALPHA) * CE + KD_ALPHA * T^2 * KL, per task
 KD_ALPHA = 0.5
 KD_TEMPERATURE = 4.0
 LABEL_SMOOTHING = 0.1
-FEATURE_KD = 1.0  # weight of the feature term: cosine distance of the student's image and text vectors,
+FEATURE_KD = 3.0  # weight of the feature term: cosine distance of the student's image and text vectors,
 # through a linear adapter each, to the teacher's features of the same tower (0: off)
 # training
 EPOCHS = 20
