@@ -17,6 +17,7 @@ results/metrics.json.
 
 import argparse
 import ast
+import copy
 import csv
 import hashlib
 import json
@@ -647,6 +648,11 @@ def mean_f1(metrics: list[dict]) -> float:
     return float(np.mean([m["f1"] for m in metrics]))
 
 
+def dev_score(model: nn.Module, data: dict, names: dict, device: torch.device) -> float:
+    """What chooses checkpoints: the mean of the two tasks' macro-F1 on dev."""
+    return mean_f1(list(evaluate_logits(predict(model, data["dev"], device), data["dev"], names).values()))
+
+
 def evaluate_logits(logits: tuple, data: dict, names: dict) -> dict[str, dict]:
     return {task: task_metrics(y, lg.argmax(1), len(names[task]))
             for task, lg, y in zip(TASKS, logits, data["labels"])}
@@ -662,13 +668,12 @@ def save_student(path: Path, student: nn.Module, meta: dict) -> None:
 
 def train_student(student: nn.Module, data: dict, cfg, names: dict, meta: dict, device: torch.device) -> dict:
     """Distil for EPOCHS epochs, log each one, keep the checkpoint with the best dev mean macro-F1."""
-    from torch.optim.swa_utils import AveragedModel
     from transformers import get_cosine_schedule_with_warmup
     log_dir, results = Path(cfg.LOG_DIR), Path(cfg.RESULTS_DIR)
     adapters = feature_adapters(student, data["train"]["features"]).to(device)
     optimizer = torch.optim.AdamW([*student.parameters(), *adapters.parameters()], lr=cfg.LR,
                                   weight_decay=cfg.WEIGHT_DECAY)
-    ema = AveragedModel(student, avg_fn=ema_update(cfg.EMA_DECAY), use_buffers=True) if cfg.EMA_DECAY > 0 else None
+    ema = moving_average(student, cfg.EMA_DECAY)
     evaluated = ema.module if ema else student
     steps_per_epoch = math.ceil(math.ceil(len(data["train"]["labels"][0]) / cfg.BATCH_SIZE) / cfg.GRAD_ACCUM_STEPS)
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.WARMUP_EPOCHS * steps_per_epoch,
@@ -704,6 +709,12 @@ def train_student(student: nn.Module, data: dict, cfg, names: dict, meta: dict, 
         tqdm.write(f"epoch {epoch:3d} | loss {loss:.4f} | dev modality acc {m['acc']:.3f} f1 {m['f1']:.3f} | "
                    f"location acc {loc['acc']:.3f} f1 {loc['f1']:.3f} | {time.time() - start:.1f}s{marker}")
     return best
+
+
+def moving_average(model: nn.Module, decay: float):
+    """A copy of the model that follows its weights (and BatchNorm statistics) by EMA; None when decay is 0."""
+    from torch.optim.swa_utils import AveragedModel
+    return AveragedModel(model, avg_fn=ema_update(decay), use_buffers=True) if decay > 0 else None
 
 
 def ema_update(decay: float) -> Callable:
@@ -770,21 +781,27 @@ def load_student(path: str | Path) -> tuple[nn.Module, dict]:
     return model.eval(), checkpoint
 
 
-def compress(student: nn.Module, data: dict, cfg, meta: dict, device: torch.device) -> dict:
-    """Global L1 pruning, a short recovery fine-tune, permanent masks, then dynamic int8."""
+def compress(student: nn.Module, data: dict, cfg, meta: dict, names: dict, device: torch.device) -> dict:
+    """Global L1 pruning and a short recovery fine-tune, with dev choosing the epoch (0: none); then
+    permanent masks and dynamic int8."""
     prune_global_l1(student, cfg.PRUNE_AMOUNT)
     set_embedding_frozen(student, False)
-    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.PRUNE_LR,
-                                  weight_decay=cfg.WEIGHT_DECAY)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.PRUNE_LR, weight_decay=cfg.WEIGHT_DECAY)
     generator = torch.Generator().manual_seed(cfg.SEED + 1)
+    best = dict(score=dev_score(student, data, names, device), epoch=0, state=copy.deepcopy(student.state_dict()))
+    tqdm.write(f"pruned {cfg.PRUNE_AMOUNT:.0%} of conv and linear weights | dev mean macro-F1 {best['score']:.4f}")
     for epoch in range(1, cfg.PRUNE_FINETUNE_EPOCHS + 1):
         loss = train_epoch(student, data["train"], optimizer, None, grad_scaler(device), cfg, device, generator)
-        tqdm.write(f"pruned fine-tune epoch {epoch} | loss {loss:.4f}")
+        score = dev_score(student, data, names, device)
+        tqdm.write(f"pruned fine-tune epoch {epoch} | loss {loss:.4f} | dev mean macro-F1 {score:.4f}")
+        if score > best["score"]:
+            best = dict(score=score, epoch=epoch, state=copy.deepcopy(student.state_dict()))
+    student.load_state_dict(best["state"])
     make_pruning_permanent(student)
-    measured = sparsity(student)
     path = Path(cfg.RESULTS_DIR) / "lightweight_vlm_int8.pt"
+    measured = sparsity(student)
     save_student(path, quantize_int8(student), {**meta, "quantized": True})
-    return dict(sparsity=measured, path=path)
+    return dict(sparsity=measured, path=path, finetune_epoch=best["epoch"])
 
 
 # -----------------------------------------------------------------------------
@@ -994,7 +1011,7 @@ def main(argv: list[str] | None = None) -> dict:
     float_path = Path(cfg.RESULTS_DIR) / "lightweight_vlm.pth"
     student, _ = load_student(float_path)
     metrics["student"] = evaluate_student(student.to(device), data, names, device)
-    compressed = compress(student.to(device), data, cfg, meta, device)
+    compressed = compress(student.to(device), data, cfg, meta, names, device)
     int8, _ = load_student(compressed["path"])
     cpu = torch.device("cpu")
     metrics["student_int8"] = evaluate_student(int8, data, names, cpu)
@@ -1003,7 +1020,8 @@ def main(argv: list[str] | None = None) -> dict:
     # reporting
     metrics.update(student_params=count_parameters(student), teacher_params=teacher_params,
                    student_file_bytes=float_path.stat().st_size, student_int8_file_bytes=compressed["path"].stat().st_size,
-                   sparsity=round(compressed["sparsity"], 4), best_epoch=best["epoch"], skipped=dict(skipped),
+                   sparsity=round(compressed["sparsity"], 4), best_epoch=best["epoch"],
+                   prune_finetune_epoch=compressed["finetune_epoch"], skipped=dict(skipped),
                    seconds=round(time.time() - run_start, 1))
     write_json(Path(cfg.RESULTS_DIR) / "metrics.json", metrics)
     print_table(metrics)

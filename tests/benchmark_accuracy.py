@@ -63,7 +63,6 @@ def main() -> None:
         "student, distillation, random embedding": [m["student"]["dev"] for m in by_row["random-embedding"]],
         "student, full default": [m["student"]["dev"] for m in by_row["default"]],
         "student, full default, image only": [m["student"]["dev"]["image_only"] for m in by_row["default"]],
-        "int8 student, full default": [m["student_int8"]["dev"] for m in by_row["default"]],
     }
     lines = [f"dev split, mean ± sd over seeds {args.seeds}", "",
              "| model | " + " | ".join(COLUMNS) + " |", "| --- |" + " --- |" * len(COLUMNS)]

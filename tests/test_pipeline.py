@@ -378,6 +378,7 @@ def test_demo_run_writes_every_output(lvm, demo_run):
     assert saved["student_int8_file_bytes"] == (workdir / "results" / "lightweight_vlm_int8.pt").stat().st_size
     assert saved["student_int8_file_bytes"] < saved["student_file_bytes"]
     assert saved["sparsity"] == pytest.approx(lvm.PRUNE_AMOUNT, abs=0.01)
+    assert 0 <= saved["prune_finetune_epoch"] <= lvm.PRUNE_FINETUNE_EPOCHS
     assert saved["student_params"] > 0 and saved["teacher_params"] > 0
     assert not list(workdir.rglob(".*.tmp"))  # no half-written file left behind
 
