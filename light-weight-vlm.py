@@ -487,6 +487,7 @@ class Student(nn.Module):
         self.cnn = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
         self.lstm = nn.LSTM(embed_dim, lstm_hidden, batch_first=True, bidirectional=True)
+        self.widths = dict(image=width, text=2 * lstm_hidden)  # of the vectors that embed() returns
         self.fusion = nn.Sequential(nn.Linear(width + 2 * lstm_hidden, fusion_dim), nn.ReLU(), nn.Dropout(dropout))
         self.modality_head = nn.Linear(fusion_dim, n_modality)
         self.location_head = nn.Linear(fusion_dim, n_location)
@@ -555,7 +556,8 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return (1 - alpha) * ce + alpha * temperature ** 2 * kl
 
 
-def feature_loss(student_vectors: dict, teacher_vectors: dict, adapters: nn.ModuleDict, has_text: torch.Tensor):
+def feature_loss(student_vectors: dict, teacher_vectors: dict, adapters: nn.ModuleDict,
+                 has_text: torch.Tensor) -> torch.Tensor:
     """Mean cosine distance between each student tower's vector, mapped by its adapter, and the teacher's
     feature of the same tower; text only where the sample still has text."""
     losses = []
@@ -568,8 +570,7 @@ def feature_loss(student_vectors: dict, teacher_vectors: dict, adapters: nn.Modu
 
 def feature_adapters(student: Student, features: dict) -> nn.ModuleDict:
     """Linear maps from the student's image and text vectors to the teacher's feature widths (training only)."""
-    widths = dict(image=student.fusion[0].in_features - 2 * student.lstm.hidden_size, text=2 * student.lstm.hidden_size)
-    return nn.ModuleDict({tower: nn.Linear(widths[tower], f.shape[1]) for tower, f in features.items()})
+    return nn.ModuleDict({tower: nn.Linear(student.widths[tower], f.shape[1]) for tower, f in features.items()})
 
 
 # -----------------------------------------------------------------------------
