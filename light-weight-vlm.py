@@ -638,8 +638,11 @@ def predict(model: nn.Module, data: dict, device: torch.device, batch_size: int 
 
 
 def task_metrics(labels: torch.Tensor, predictions: torch.Tensor, n_classes: int | None = None) -> dict:
+    """Accuracy, macro precision/recall/F1 over the classes that occur (in the labels or the predictions:
+    a class absent from both would count as an F1 of 0), and the confusion matrix over all classes."""
     classes = list(range(n_classes or int(max(labels.max(), predictions.max())) + 1))
-    precision, recall, f1, _ = precision_recall_fscore_support(labels, predictions, labels=classes, average="macro",
+    occurring = sorted(set(labels.tolist()) | set(predictions.tolist()))
+    precision, recall, f1, _ = precision_recall_fscore_support(labels, predictions, labels=occurring, average="macro",
                                                                zero_division=0)
     return dict(acc=accuracy_score(labels, predictions), precision=precision, recall=recall, f1=f1,
                 confusion=confusion_matrix(labels, predictions, labels=classes).tolist())
@@ -668,7 +671,8 @@ def save_student(path: Path, student: nn.Module, meta: dict) -> None:
 
 
 def train_student(student: nn.Module, data: dict, cfg, names: dict, meta: dict, device: torch.device) -> dict:
-    """Distil for EPOCHS epochs, log each one, keep the checkpoint with the best dev mean macro-F1."""
+    """Distil for EPOCHS epochs, log each one, keep the checkpoint with the best dev mean macro-F1;
+    return its score and epoch, and the log's rows."""
     from transformers import get_cosine_schedule_with_warmup
     log_dir, results = Path(cfg.LOG_DIR), Path(cfg.RESULTS_DIR)
     adapters = feature_adapters(student, data["train"]["features"]).to(device)
@@ -709,7 +713,7 @@ def train_student(student: nn.Module, data: dict, cfg, names: dict, meta: dict, 
             marker = " (best, saved)"
         tqdm.write(f"epoch {epoch:3d} | loss {loss:.4f} | dev modality acc {m['acc']:.3f} f1 {m['f1']:.3f} | "
                    f"location acc {loc['acc']:.3f} f1 {loc['f1']:.3f} | {time.time() - start:.1f}s{marker}")
-    return best
+    return best | dict(log=rows)
 
 
 def moving_average(model: nn.Module, decay: float):
@@ -814,23 +818,123 @@ def summary(metrics: dict[str, dict]) -> dict:
 
 
 def evaluate_student(model: nn.Module, data: dict, names: dict, device: torch.device) -> dict:
-    """Metrics per evaluated split, with the text removed too (key 'image_only')."""
-    return {split: summary(evaluate_logits(predict(model, d, device), d, names)) |
-            {"image_only": summary(evaluate_logits(predict(model, d, device, with_text=False), d, names))}
+    """Full metrics per evaluated split and task, and again with the text removed (key 'image_only')."""
+    return {split: evaluate_logits(predict(model, d, device), d, names) |
+            {"image_only": evaluate_logits(predict(model, d, device, with_text=False), d, names)}
             for split, d in data.items() if split != "train"}
 
 
+def student_summary(evaluation: dict) -> dict:
+    return {split: summary(e) | {"image_only": summary(e["image_only"])} for split, e in evaluation.items()}
+
+
+RESULT_COLUMNS = [f"{task}_{k}" for task in TASKS for k in ("acc", "f1")]
+
+
+def result_rows(metrics: dict) -> list[tuple[str, str, dict]]:
+    """(model, split, values) for the teacher, the student and the int8 student, image-only rows included."""
+    return [(name, split, row) for model in ("teacher", "student", "student_int8")
+            for split, values in metrics[model].items()
+            for name, row in ((model, values), (f"{model} (image only)", values.get("image_only"))) if row]
+
+
+def sizes_line(metrics: dict) -> str:
+    return (f"parameters: teacher {metrics['teacher_params']:,}, student {metrics['student_params']:,} | "
+            f"files: float {metrics['student_file_bytes']:,} B, int8 {metrics['student_int8_file_bytes']:,} B | "
+            f"sparsity {metrics['sparsity']:.3f}")
+
+
 def print_table(metrics: dict) -> None:
-    columns = [f"{task}_{k}" for task in TASKS for k in ("acc", "f1")]
-    print(f"\n{'model':<26}{'split':<7}" + "".join(f"{c:>14}" for c in columns))
-    for model in ("teacher", "student", "student_int8"):
-        for split, values in metrics[model].items():
-            for name, row in ((model, values), (f"{model} (image only)", values.get("image_only"))):
-                if row:
-                    print(f"{name:<26}{split:<7}" + "".join(f"{row[c]:>14.4f}" for c in columns))
-    print(f"parameters: teacher {metrics['teacher_params']:,}, student {metrics['student_params']:,} | "
-          f"files: float {metrics['student_file_bytes']:,} B, int8 {metrics['student_int8_file_bytes']:,} B | "
-          f"sparsity {metrics['sparsity']:.3f}")
+    print(f"\n{'model':<26}{'split':<7}" + "".join(f"{c:>14}" for c in RESULT_COLUMNS))
+    for name, split, row in result_rows(metrics):
+        print(f"{name:<26}{split:<7}" + "".join(f"{row[c]:>14.4f}" for c in RESULT_COLUMNS))
+    print(sizes_line(metrics))
+
+
+# -----------------------------------------------------------------------------
+# pictures and report: drawn only from what the run already computed
+
+
+def save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
+def plot_learning_curves(log: list[list], best_epoch: int, freeze_epochs: int, path: Path) -> None:
+    """Train loss, dev accuracy, dev macro-F1 and learning rate per epoch; frozen-embedding epochs shaded,
+    the best checkpoint marked."""
+    import matplotlib.pyplot as plt
+    header, rows = log[0], log[1:]
+    column = lambda name: [float(r[header.index(name)]) for r in rows]
+    panels = {"train loss": ["train_loss"], "dev accuracy": ["val_modality_acc", "val_location_acc"],
+              "dev macro-F1": ["modality_f1", "location_f1"], "learning rate": ["lr"]}
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
+    for ax, (title, names) in zip(axes.flat, panels.items()):
+        for name in names:
+            ax.plot(column("epoch"), column(name), marker="o", markersize=3, label=name)
+        if freeze_epochs:
+            ax.axvspan(0.5, min(freeze_epochs, len(rows)) + 0.5, color="0.9", label="embedding frozen")
+        ax.axvline(best_epoch, color="tab:red", linestyle="--", linewidth=1, label=f"best checkpoint (epoch {best_epoch})")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in axes[1]:
+        ax.set_xlabel("epoch")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_confusions(confusions: dict[str, list[list[int]]], names: list[str], task: str, path: Path) -> None:
+    """One matrix per split: counts in the cells, colour by the row-normalised rate."""
+    import textwrap
+    import matplotlib.pyplot as plt
+    labels = [textwrap.fill(name, 14) for name in names]
+    fig, axes = plt.subplots(1, len(confusions), figsize=(1.2 * len(names) * len(confusions) + 3, 1.1 * len(names) + 3),
+                             squeeze=False)
+    for ax, (split, matrix) in zip(axes[0], confusions.items()):
+        counts = np.array(matrix)
+        rates = counts / counts.sum(axis=1, keepdims=True).clip(min=1)
+        ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+        ax.set_xticks(range(len(names)), labels, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(names)), labels, fontsize=8)
+        for i, j in np.ndindex(counts.shape):
+            ax.text(j, i, counts[i, j], ha="center", va="center", color="white" if rates[i, j] > 0.5 else "black")
+        ax.set(title=f"{task}, {split} ({counts.sum()} images)", xlabel="predicted", ylabel="true")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def markdown_table(header: list, rows: list[list]) -> list[str]:
+    return ["| " + " | ".join(map(str, header)) + " |", "|" + " --- |" * len(header)] + \
+           ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+
+
+def write_report(path: Path, argv: list[str], cfg, data: dict, names: dict, metrics: dict, stages: dict) -> None:
+    """One page: command, changed constants, data, skipped samples, results, wall time, pictures."""
+    import shlex
+    changed = [[f"`{k}`", f"`{getattr(cfg, k)!r}`", f"`{globals()[k]!r}`"] for k in CONFIG_KEYS
+               if getattr(cfg, k) != globals()[k]]
+    lines = ["# light-weight-vlm run report", "", "```", shlex.join(["python", "light-weight-vlm.py", *argv]), "```", "",
+             "## Constants that differ from the defaults", ""]
+    lines += markdown_table(["constant", "value", "default"], changed) if changed else ["none"]
+    for task in TASKS:
+        counts = {split: Counter(d["labels"][TASKS.index(task)].tolist()) for split, d in data.items()}
+        lines += ["", f"## Data: {task}", ""] + markdown_table(
+            ["split", *names[task], "total"],
+            [[split, *(c[i] for i in range(len(names[task]))), sum(c.values())] for split, c in counts.items()])
+    lines += ["", "## Skipped samples", ""]
+    lines += markdown_table(["reason", "count"], [[r, n] for r, n in metrics["skipped"].items()]) \
+        if metrics["skipped"] else ["none"]
+    lines += ["", "## Teacher, student and int8 student", ""] + markdown_table(
+        ["model", "split", *RESULT_COLUMNS], [[name, split, *(f"{row[c]:.4f}" for c in RESULT_COLUMNS)]
+                                              for name, split, row in result_rows(metrics)])
+    lines += ["", sizes_line(metrics), f"best checkpoint: epoch {metrics['best_epoch']}", "",
+              "## Wall time per stage", ""] + markdown_table(["stage", "seconds"], [[k, v] for k, v in stages.items()])
+    lines += ["", "## Learning curves", "", "![learning curves](learning_curves.png)", "",
+              "## Confusion matrices of the best checkpoint", "", "![modality](confusion_modality.png)", "",
+              "![location](confusion_location.png)", ""]
+    atomic_write(path, lambda tmp: tmp.write_text("\n".join(lines)))
 
 
 # -----------------------------------------------------------------------------
@@ -949,8 +1053,9 @@ def prepare_split(samples: list[dict], images: dict, tokenizer, names: dict, spl
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_config(sys.argv[1:] if argv is None else argv)
-    run_start = time.time()
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = parse_config(argv)
+    marks = [("start", time.time())]  # (stage, when it ended), for the report
     random.seed(cfg.SEED)
     np.random.seed(cfg.SEED)
     torch.manual_seed(cfg.SEED)
@@ -974,6 +1079,7 @@ def main(argv: list[str] | None = None) -> dict:
     n_classes = (len(names["modality"]), len(names["location"]))
     print(f"data: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) +
           f" | modality {names['modality']} | location {names['location']}")
+    marks.append(("data", time.time()))
 
     # teacher
     teacher = load_teacher(cfg)
@@ -991,6 +1097,7 @@ def main(argv: list[str] | None = None) -> dict:
     write_csv(Path(cfg.LOG_DIR) / "teacher.csv", [["split", *columns]] +
               [[split, *values.values()] for split, values in metrics["teacher"].items()])
     print("teacher dev: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics["teacher"]["dev"].items()))
+    marks.append(("teacher", time.time()))
 
     # student
     kwargs = student_kwargs(cfg, tokenizer, n_classes)
@@ -1007,28 +1114,43 @@ def main(argv: list[str] | None = None) -> dict:
                 image_size=cfg.IMAGE_SIZE, normalization=(NORM_MEAN, NORM_STD), quantized=False)
     best = train_student(student, data, cfg, names, meta, device)
     print(f"best dev mean macro-F1 {best['score']:.4f} at epoch {best['epoch']}")
+    marks.append(("distillation", time.time()))
 
     # pruning and quantization
     float_path = Path(cfg.RESULTS_DIR) / "lightweight_vlm.pth"
     student, _ = load_student(float_path)
-    metrics["student"] = evaluate_student(student.to(device), data, names, device)
+    evaluation = evaluate_student(student.to(device), data, names, device)
     compressed = compress(student.to(device), data, cfg, meta, names, device)
     int8, _ = load_student(compressed["path"])
-    cpu = torch.device("cpu")
-    metrics["student_int8"] = evaluate_student(int8, data, names, cpu)
+    marks.append(("pruning and quantization", time.time()))
+    metrics["student"] = student_summary(evaluation)
+    metrics["student_int8"] = student_summary(evaluate_student(int8, data, names, torch.device("cpu")))
     metrics["teacher"].pop("train")
+    marks.append(("evaluation", time.time()))
 
     # reporting
     metrics.update(student_params=count_parameters(student), teacher_params=teacher_params,
                    student_file_bytes=float_path.stat().st_size, student_int8_file_bytes=compressed["path"].stat().st_size,
                    sparsity=round(compressed["sparsity"], 4), best_epoch=best["epoch"],
                    prune_finetune_epoch=compressed["finetune_epoch"], skipped=dict(skipped),
-                   seconds=round(time.time() - run_start, 1))
-    write_json(Path(cfg.RESULTS_DIR) / "metrics.json", metrics)
+                   seconds=round(time.time() - marks[0][1], 1))
+    results = Path(cfg.RESULTS_DIR)
+    write_json(results / "metrics.json", metrics)
     print_table(metrics)
+
+    # pictures and report
+    import matplotlib
+    matplotlib.use("Agg")  # files only: servers have no display
+    plot_learning_curves(best["log"], best["epoch"], cfg.FREEZE_EPOCHS, results / "learning_curves.png")
+    for task in TASKS:
+        plot_confusions({split: e[task]["confusion"] for split, e in evaluation.items()}, names[task], task,
+                        results / f"confusion_{task}.png")
+    marks.append(("pictures", time.time()))
+    stages = {stage: round(end - start, 1) for (_, start), (stage, end) in zip(marks, marks[1:])}
+    write_report(results / "report.md", argv, cfg, data, names, metrics, stages)
     if skipped:
         print("skipped: " + ", ".join(f"{n} {reason}" for reason, n in skipped.items()))
-    print(f"done in {metrics['seconds']:.0f}s: {cfg.LOG_DIR}/training_log.csv, {cfg.RESULTS_DIR}/metrics.json")
+    print(f"done in {metrics['seconds']:.0f}s: {cfg.LOG_DIR}/training_log.csv, {results}/metrics.json, {results}/report.md")
     return metrics
 
 

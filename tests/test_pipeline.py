@@ -403,6 +403,40 @@ def test_int8_student_loads_alone_and_agrees_with_float(lvm, demo_run):
             assert (f.argmax(1) == q.argmax(1)).float().mean() >= 0.9
 
 
+def test_demo_run_draws_pictures_and_a_report_with_the_runs_numbers(lvm, demo_run):
+    workdir, _ = demo_run
+    results = workdir / "results"
+    for name, (min_width, min_height) in (("learning_curves.png", (800, 500)), ("confusion_modality.png", (400, 300)),
+                                          ("confusion_location.png", (600, 400))):
+        with Image.open(results / name) as image:
+            assert image.format == "PNG"
+            assert min_width <= image.width <= 4000 and min_height <= image.height <= 3000
+    report = (results / "report.md").read_text()
+    saved = json.loads((results / "metrics.json").read_text())
+    columns = ("modality_acc", "modality_f1", "location_acc", "location_f1")
+    for model in ("teacher", "student", "student_int8"):
+        for split, values in saved[model].items():
+            for name, row in ((model, values), (f"{model} (image only)", values.get("image_only"))):
+                if row:
+                    assert f"| {name} | {split} | " + " | ".join(f"{row[c]:.4f}" for c in columns) + " |" in report
+    assert f"student {saved['student_params']:,}" in report and f"int8 {saved['student_int8_file_bytes']:,} B" in report
+    assert "```\npython light-weight-vlm.py --demo\n```" in report
+    assert "| `EPOCHS` | `8` | `20` |" in report  # a constant --demo changes
+    n_train = len((workdir / lvm.DEMO["DATA_ROOT"] / "splitted_dataset" / "descriptions_train.jsonl").read_text().splitlines())
+    assert f"| {n_train} |" in report.split("## Data: modality")[1].split("\n| dev")[0]
+    for stage in ("data", "teacher", "distillation", "pruning and quantization", "evaluation", "pictures"):
+        assert f"| {stage} | " in report
+    for picture in ("learning_curves.png", "confusion_modality.png", "confusion_location.png"):
+        assert f"]({picture})" in report
+
+
+def test_macro_scores_ignore_classes_that_never_occur(lvm):
+    labels, predictions = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 0, 1, 0])
+    metrics = lvm.task_metrics(labels, predictions, n_classes=4)  # classes 2 and 3 occur nowhere
+    assert metrics["f1"] == pytest.approx((0.8 + 2 / 3) / 2)
+    assert metrics["confusion"] == [[2, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+
+
 # real data (skipped where MedPix 2.0 is not beside the project) ----------------------
 
 
