@@ -10,9 +10,10 @@ Run on MedPix 2.0 (layout: DATA_ROOT/images/*.png, DATA_ROOT/splitted_dataset/*.
 Any constant in the CONFIG block can be overridden on the command line by its own name:
     python light-weight-vlm.py --EPOCHS 3 --VISION_TEACHER None --TEXT_TEACHER path/to/bert
 Stages: data -> teacher features (cached) -> teacher heads -> distillation -> pruning and
-int8 quantization -> evaluation. Outputs: logs/teacher.csv, logs/training_log.csv,
-logs/confusion_*_epoch_<n>.csv, results/lightweight_vlm.pth, results/lightweight_vlm_int8.pt,
-results/metrics.json.
+int8 quantization -> evaluation -> pictures and report. Outputs: logs/teacher.csv,
+logs/training_log.csv, logs/confusion_*_epoch_<n>.csv, results/lightweight_vlm.pth,
+results/lightweight_vlm_int8.pt, results/metrics.json, results/learning_curves.png,
+results/confusion_{modality,location}.png, results/report.md.
 """
 
 import argparse
@@ -50,8 +51,8 @@ from tqdm import tqdm
 # data and outputs
 DATA_ROOT = "data/MedPix-2-0"  # MedPix 2.0 layout: images/<image>.png, splitted_dataset/*.jsonl
 CACHE_DIR = "cache"  # decoded images and teacher features, keyed by content and settings
-LOG_DIR = "logs"  # training_log.csv and per-epoch confusion matrices
-RESULTS_DIR = "results"  # model files and metrics.json
+LOG_DIR = "logs"  # teacher.csv, training_log.csv and per-epoch confusion matrices
+RESULTS_DIR = "results"  # model files, metrics.json, pictures and report.md
 IMAGE_SIZE = 112  # every image is decoded once and resized to IMAGE_SIZE x IMAGE_SIZE
 MAX_TOKENS = 128  # input text (Caption, then History) is truncated to this many tokens
 # teacher: frozen backbones, features computed once per sample; small heads trained on them
@@ -91,7 +92,7 @@ FREEZE_EPOCHS = 5  # the student's token embedding is frozen for this many epoch
 EMA_DECAY = 0.99  # dev evaluation and the saved model use this moving average of the weights (0: off)
 # compression
 PRUNE_AMOUNT = 0.3  # fraction of conv and linear weights zeroed by global L1 magnitude
-PRUNE_FINETUNE_EPOCHS = 2  # recovery fine-tune with the pruning masks applied
+PRUNE_FINETUNE_EPOCHS = 2  # recovery fine-tune with the masks applied; dev picks the epoch (or none)
 PRUNE_LR = 2e-4
 # system
 DEVICE = "auto"  # auto: cuda when available, else cpu
@@ -1077,7 +1078,7 @@ def main(argv: list[str] | None = None) -> dict:
             fail(f"split '{split}' has no sample with a readable image")
     names = {task: label_names(splits["train"], task) for task in TASKS}
     n_classes = (len(names["modality"]), len(names["location"]))
-    print(f"data: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) +
+    print("data: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) +
           f" | modality {names['modality']} | location {names['location']}")
     marks.append(("data", time.time()))
 
