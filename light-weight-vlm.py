@@ -452,7 +452,7 @@ def train_teacher_heads(features: dict, labels: dict, n_classes: tuple[int, int]
         heads.eval()
         with torch.no_grad():
             dev_logits = split_logits(heads(features["dev"]))
-        score = mean_f1([task_metrics(y, lg.argmax(1)) for y, lg in zip(labels["dev"], dev_logits)])
+        score = selection_score(dev_logits, labels["dev"])
         if score > best_score:
             best_score, best_state, since_best = score, {k: v.clone() for k, v in heads.state_dict().items()}, 0
         else:
@@ -653,9 +653,14 @@ def mean_f1(metrics: list[dict]) -> float:
     return float(np.mean([m["f1"] for m in metrics]))
 
 
-def dev_score(model: nn.Module, data: dict, names: dict, device: torch.device) -> float:
-    """What chooses checkpoints: the mean of the two tasks' macro-F1 on dev."""
-    return mean_f1(list(evaluate_logits(predict(model, data["dev"], device), data["dev"], names).values()))
+def selection_score(logits: tuple, labels: tuple) -> float:
+    """What chooses every checkpoint (teacher heads, student, pruned student): the mean of the two
+    tasks' macro-F1."""
+    return mean_f1([task_metrics(y, lg.argmax(1)) for lg, y in zip(logits, labels)])
+
+
+def dev_score(model: nn.Module, data: dict, device: torch.device) -> float:
+    return selection_score(predict(model, data["dev"], device), data["dev"]["labels"])
 
 
 def evaluate_logits(logits: tuple, data: dict, names: dict) -> dict[str, dict]:
@@ -787,18 +792,18 @@ def load_student(path: str | Path) -> tuple[nn.Module, dict]:
     return model.eval(), checkpoint
 
 
-def compress(student: nn.Module, data: dict, cfg, meta: dict, names: dict, device: torch.device) -> dict:
+def compress(student: nn.Module, data: dict, cfg, meta: dict, device: torch.device) -> dict:
     """Global L1 pruning and a short recovery fine-tune, with dev choosing the epoch (0: none); then
     permanent masks and dynamic int8."""
     prune_global_l1(student, cfg.PRUNE_AMOUNT)
     set_embedding_frozen(student, False)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.PRUNE_LR, weight_decay=cfg.WEIGHT_DECAY)
     generator = torch.Generator().manual_seed(cfg.SEED + 1)
-    best = dict(score=dev_score(student, data, names, device), epoch=0, state=copy.deepcopy(student.state_dict()))
+    best = dict(score=dev_score(student, data, device), epoch=0, state=copy.deepcopy(student.state_dict()))
     tqdm.write(f"pruned {cfg.PRUNE_AMOUNT:.0%} of conv and linear weights | dev mean macro-F1 {best['score']:.4f}")
     for epoch in range(1, cfg.PRUNE_FINETUNE_EPOCHS + 1):
         loss = train_epoch(student, data["train"], optimizer, None, grad_scaler(device), cfg, device, generator)
-        score = dev_score(student, data, names, device)
+        score = dev_score(student, data, device)
         tqdm.write(f"pruned fine-tune epoch {epoch} | loss {loss:.4f} | dev mean macro-F1 {score:.4f}")
         if score > best["score"]:
             best = dict(score=score, epoch=epoch, state=copy.deepcopy(student.state_dict()))
@@ -1121,7 +1126,7 @@ def main(argv: list[str] | None = None) -> dict:
     float_path = Path(cfg.RESULTS_DIR) / "lightweight_vlm.pth"
     student, _ = load_student(float_path)
     evaluation = evaluate_student(student.to(device), data, names, device)
-    compressed = compress(student.to(device), data, cfg, meta, names, device)
+    compressed = compress(student.to(device), data, cfg, meta, device)
     int8, _ = load_student(compressed["path"])
     marks.append(("pruning and quantization", time.time()))
     metrics["student"] = student_summary(evaluation)
