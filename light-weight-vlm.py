@@ -7,6 +7,8 @@ Run every stage on built-in synthetic data (no download, ~15 s on 2 CPU cores):
     python light-weight-vlm.py --demo
 Run on MedPix 2.0 (layout: DATA_ROOT/images/*.png, DATA_ROOT/splitted_dataset/*.jsonl):
     python light-weight-vlm.py --DATA_ROOT ../shared/medpix/MedPix-2-0
+Classify images with a saved student (the int8 .pt or the float .pth), one JSON line each:
+    python light-weight-vlm.py predict --model results/lightweight_vlm_int8.pt --image a.png b.png --text "..."
 Any constant in the CONFIG block can be overridden on the command line by its own name:
     python light-weight-vlm.py --EPOCHS 3 --VISION_TEACHER None --TEXT_TEACHER path/to/bert
 Stages: data -> teacher features (cached) -> teacher heads -> distillation -> pruning and
@@ -94,6 +96,7 @@ EMA_DECAY = 0.99  # dev evaluation and the saved model use this moving average o
 PRUNE_AMOUNT = 0.3  # fraction of conv and linear weights zeroed by global L1 magnitude
 PRUNE_FINETUNE_EPOCHS = 2  # recovery fine-tune with the masks applied; dev picks the epoch (or none)
 PRUNE_LR = 2e-4
+CALIBRATION_IMAGES = 256  # train images whose activations set the int8 ranges of the convolutions
 # system
 DEVICE = "auto"  # auto: cuda when available, else cpu
 SEED = 1337
@@ -160,7 +163,7 @@ def parse_config(argv: list[str]) -> argparse.Namespace:
 def config_ranges(cfg: dict) -> list[tuple[str, bool, str]]:
     positive = ("IMAGE_SIZE", "MAX_TOKENS", "TEACHER_BATCH_SIZE", "HEAD_HIDDEN", "HEAD_EPOCHS", "HEAD_PATIENCE",
                 "HEAD_LR", "EMBED_DIM", "LSTM_HIDDEN", "FUSION_DIM", "KD_TEMPERATURE", "EPOCHS", "BATCH_SIZE",
-                "GRAD_ACCUM_STEPS", "LR", "GRAD_CLIP", "PRUNE_LR")
+                "GRAD_ACCUM_STEPS", "LR", "GRAD_CLIP", "PRUNE_LR", "CALIBRATION_IMAGES")
     fractions = ("DROPOUT", "TEXT_DROPOUT", "KD_ALPHA", "LABEL_SMOOTHING")
     counts = ("WARMUP_EPOCHS", "FREEZE_EPOCHS", "PRUNE_FINETUNE_EPOCHS", "WEIGHT_DECAY", "FEATURE_KD", "IMAGE_ONLY_LOSS")
     channels = cfg["CNN_CHANNELS"]
@@ -352,15 +355,15 @@ def model_identity(name: str) -> str:
     return sha256(*[f"{p.relative_to(folder)}:{sha256(p.read_bytes())}" for p in sorted(folder.rglob("*")) if p.is_file()])
 
 
-def load_pretrained(loader, name: str, setting: str):
+def load_pretrained(loader, name: str, setting: str, remedy: str = ""):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return loader.from_pretrained(name)
     except (OSError, ValueError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        fail(f"cannot load {setting}={name!r}: {reason}. Point {setting} to a local model folder "
-             f"(see README, 'Offline'), or set it to None.")
+        fail(f"cannot load {setting}={name!r}: {reason}. " + (remedy or f"Point {setting} to a local model folder "
+                                                              f"(see README, 'Offline'), or set it to None."))
 
 
 def load_teacher(cfg) -> dict:
@@ -513,8 +516,8 @@ class Student(nn.Module):
         return self.classify(self.embed(images, input_ids, attention_mask))
 
 
-def student_kwargs(cfg, tokenizer, n_classes: tuple[int, int]) -> dict:
-    return dict(vocab_size=len(tokenizer), pad_id=tokenizer.pad_token_id or 0, n_modality=n_classes[0],
+def student_kwargs(cfg, tokenizer, vocab: list[int], n_classes: tuple[int, int]) -> dict:
+    return dict(vocab_size=len(vocab), pad_id=vocab.index(pad_token_id(tokenizer)), n_modality=n_classes[0],
                 n_location=n_classes[1], cnn_channels=tuple(cfg.CNN_CHANNELS), embed_dim=cfg.EMBED_DIM,
                 lstm_hidden=cfg.LSTM_HIDDEN, fusion_dim=cfg.FUSION_DIM, dropout=cfg.DROPOUT)
 
@@ -531,11 +534,33 @@ def set_embedding_frozen(student: nn.Module, frozen: bool) -> None:
     student.embedding.weight.requires_grad_(not frozen)
 
 
-def tokenize(tokenizer, texts: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_token_id(tokenizer) -> int:
+    return tokenizer.pad_token_id or 0
+
+
+def tokenizer_ids(tokenizer, texts: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """No special tokens: an empty text has length 0, which is what 'no text' means to the student."""
     batch = tokenizer(texts, max_length=max_tokens, truncation=True, padding="max_length",
                       add_special_tokens=False, return_tensors="pt")
     return batch["input_ids"], batch["attention_mask"]
+
+
+def student_vocabulary(tokenizer, train_texts: list[str], max_tokens: int) -> list[int]:
+    """The tokenizer ids that occur in the train texts, plus padding and the unknown token. The student
+    embeds only these (a row no train text uses is never trained, yet would be most of the model's
+    bytes); every other id is read as the unknown token."""
+    if tokenizer.unk_token_id is None:
+        fail(f"the tokenizer {tokenizer.name_or_path!r} has no unknown token to stand for words the train split lacks")
+    ids, mask = tokenizer_ids(tokenizer, train_texts, max_tokens)
+    return sorted(set(ids[mask.bool()].tolist()) | {pad_token_id(tokenizer), tokenizer.unk_token_id})
+
+
+def tokenize(tokenizer, texts: list[str], max_tokens: int, vocab: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids in the student's vocabulary (see student_vocabulary) and the attention mask."""
+    ids, mask = tokenizer_ids(tokenizer, texts, max_tokens)
+    lookup = torch.full((max(len(tokenizer), max(vocab) + 1),), vocab.index(tokenizer.unk_token_id))
+    lookup[vocab] = torch.arange(len(vocab))
+    return lookup[ids], mask
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
@@ -659,8 +684,11 @@ def selection_score(logits: tuple, labels: tuple) -> float:
     return mean_f1([task_metrics(y, lg.argmax(1)) for lg, y in zip(logits, labels)])
 
 
-def dev_score(model: nn.Module, data: dict, device: torch.device) -> float:
-    return selection_score(predict(model, data["dev"], device), data["dev"]["labels"])
+def dev_check(model: nn.Module, data: dict, device: torch.device) -> dict:
+    """A model's dev accuracy per task, selection score and predicted labels."""
+    logits, labels = predict(model, data["dev"], device), data["dev"]["labels"]
+    return {f"{task}_acc": round(float(accuracy_score(y, lg.argmax(1))), 4) for task, lg, y in zip(TASKS, logits, labels)
+            } | dict(score=round(selection_score(logits, labels), 4), predicted=[lg.argmax(1) for lg in logits])
 
 
 def evaluate_logits(logits: tuple, data: dict, names: dict) -> dict[str, dict]:
@@ -767,18 +795,36 @@ def sparsity(model: nn.Module) -> float:
 
 @contextmanager
 def quiet_quantization():
-    """torch.ao.quantization still does dynamic int8 LSTMs but warns about its deprecation on every call."""
+    """torch.ao.quantization is deprecated, and warns so on every call, but it is the one PyTorch API that
+    runs int8 convolutions and LSTMs on the CPU without torch.compile (torchao covers neither in eager
+    mode); a model built without calibration (to be filled by load_state_dict) warns too."""
     with warnings.catch_warnings():
-        for message in (".*torch.ao.quantization is deprecated.*", ".*quantize_per_tensor.*", ".*TypedStorage.*"):
+        for message in (".*torch.ao.quantization is deprecated.*", ".*quantize_per_tensor.*", ".*TypedStorage.*",
+                        ".*must run observer before calling calculate_qparams.*", ".*reduce_range will be deprecated.*"):
             warnings.filterwarnings("ignore", message=message)
         yield
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """Dynamic int8 for the Linear and LSTM layers (weights int8, activations quantized on the fly)."""
+def quantize_int8(model: nn.Module, calibration: torch.Tensor | None) -> nn.Module:
+    """An int8 copy of the student: static int8 for the convolutions, each fused with its BatchNorm and
+    ReLU, activation ranges observed on the calibration images (uint8, N x 3 x H x W); dynamic int8 for
+    Linear and LSTM (activations quantized on the fly); int8 rows for the embedding. With calibration
+    None, the structure only, for load_state_dict to fill."""
+    from torch.ao import quantization as tq
     with quiet_quantization():
-        from torch.ao.quantization import quantize_dynamic
-        return quantize_dynamic(model.cpu().eval(), {nn.Linear, nn.LSTM}, dtype=torch.qint8)
+        model = copy.deepcopy(model).cpu().eval()
+        convs = [[str(i), str(i + 1), str(i + 2)] for i, m in enumerate(model.cnn) if isinstance(m, nn.Conv2d)]
+        model.cnn = nn.Sequential(tq.QuantStub(), tq.fuse_modules(model.cnn, convs), tq.DeQuantStub())
+        model.cnn.qconfig = tq.get_default_qconfig(torch.backends.quantized.engine)
+        tq.prepare(model.cnn, inplace=True)
+        if calibration is not None:
+            with torch.no_grad():
+                for batch in calibration.split(64):
+                    model.cnn(normalize(batch))
+        tq.convert(model.cnn, inplace=True)
+        dynamic = {nn.Linear: tq.default_dynamic_qconfig, nn.LSTM: tq.default_dynamic_qconfig,
+                   nn.Embedding: tq.float_qparams_weight_only_qconfig}
+        return tq.quantize_dynamic(model, dynamic)
 
 
 def load_student(path: str | Path) -> tuple[nn.Module, dict]:
@@ -787,32 +833,50 @@ def load_student(path: str | Path) -> tuple[nn.Module, dict]:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)  # our own file: it holds packed int8 params
         model = Student(**checkpoint["student"])
         if checkpoint["quantized"]:
-            model = quantize_int8(model)
+            model = quantize_int8(model, calibration=None)
         model.load_state_dict(checkpoint["state_dict"])
     return model.eval(), checkpoint
 
 
+PRUNING_COLUMNS = ["stage", "epoch", "modality_acc", "location_acc", "score"]
+
+
 def compress(student: nn.Module, data: dict, cfg, meta: dict, device: torch.device) -> dict:
     """Global L1 pruning and a short recovery fine-tune, with dev choosing the epoch (0: none); then
-    permanent masks and dynamic int8."""
+    permanent masks and int8, calibrated on train images. Logs each stage's dev accuracy to
+    logs/pruning.csv; returns that report, the dev predictions before pruning and of the chosen
+    pruned model, and the int8 file's path."""
+    rows = []
+
+    def check(stage: str, epoch: int) -> dict:
+        result = dev_check(student, data, device)
+        rows.append([stage, epoch] + [result[c] for c in PRUNING_COLUMNS[2:]])
+        write_csv(Path(cfg.LOG_DIR) / "pruning.csv", [PRUNING_COLUMNS] + rows)
+        tqdm.write(f"{stage} (epoch {epoch}) | dev modality acc {result['modality_acc']:.3f} | "
+                   f"location acc {result['location_acc']:.3f} | mean macro-F1 {result['score']:.4f}")
+        return result
+
+    before = check("float", 0)
     prune_global_l1(student, cfg.PRUNE_AMOUNT)
     set_embedding_frozen(student, False)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.PRUNE_LR, weight_decay=cfg.WEIGHT_DECAY)
     generator = torch.Generator().manual_seed(cfg.SEED + 1)
-    best = dict(score=dev_score(student, data, device), epoch=0, state=copy.deepcopy(student.state_dict()))
-    tqdm.write(f"pruned {cfg.PRUNE_AMOUNT:.0%} of conv and linear weights | dev mean macro-F1 {best['score']:.4f}")
+    pruned = best = check("pruned", 0) | dict(epoch=0, state=copy.deepcopy(student.state_dict()))
     for epoch in range(1, cfg.PRUNE_FINETUNE_EPOCHS + 1):
-        loss = train_epoch(student, data["train"], optimizer, None, grad_scaler(device), cfg, device, generator)
-        score = dev_score(student, data, device)
-        tqdm.write(f"pruned fine-tune epoch {epoch} | loss {loss:.4f} | dev mean macro-F1 {score:.4f}")
-        if score > best["score"]:
-            best = dict(score=score, epoch=epoch, state=copy.deepcopy(student.state_dict()))
+        train_epoch(student, data["train"], optimizer, None, grad_scaler(device), cfg, device, generator)
+        result = check("recovery", epoch)
+        if result["score"] > best["score"]:
+            best = result | dict(epoch=epoch, state=copy.deepcopy(student.state_dict()))
     student.load_state_dict(best["state"])
     make_pruning_permanent(student)
+    train_images = data["train"]["images"]
+    calibration = train_images[torch.randperm(len(train_images), generator=generator)[:cfg.CALIBRATION_IMAGES]]
     path = Path(cfg.RESULTS_DIR) / "lightweight_vlm_int8.pt"
-    measured = sparsity(student)
-    save_student(path, quantize_int8(student), {**meta, "quantized": True})
-    return dict(sparsity=measured, path=path, finetune_epoch=best["epoch"])
+    save_student(path, quantize_int8(student, calibration), {**meta, "quantized": True})
+    accuracies = lambda result: {c: result[c] for c in PRUNING_COLUMNS[2:]}
+    report = dict(amount=cfg.PRUNE_AMOUNT, sparsity=round(sparsity(student), 4), before=accuracies(before),
+                  after_pruning=accuracies(pruned), after_recovery=accuracies(best), recovery_epoch=best["epoch"])
+    return dict(report=report, path=path, predicted=dict(float=before["predicted"], pruned_float=best["predicted"]))
 
 
 # -----------------------------------------------------------------------------
@@ -844,17 +908,25 @@ def result_rows(metrics: dict) -> list[tuple[str, str, dict]]:
             for name, row in ((model, values), (f"{model} (image only)", values.get("image_only"))) if row]
 
 
-def sizes_line(metrics: dict) -> str:
-    return (f"parameters: teacher {metrics['teacher_params']:,}, student {metrics['student_params']:,} | "
-            f"files: float {metrics['student_file_bytes']:,} B, int8 {metrics['student_int8_file_bytes']:,} B | "
-            f"sparsity {metrics['sparsity']:.3f}")
+def compression_lines(metrics: dict) -> list[str]:
+    """Sizes, what pruning cost on dev, and how often the int8 student agrees with its float versions."""
+    pruning, agreement = metrics["pruning"], metrics["int8_agreement"]
+    accuracies = lambda stage: " / ".join(f"{pruning[stage][f'{task}_acc']:.3f}" for task in TASKS)
+    return [f"parameters: teacher {metrics['teacher_params']:,}, student {metrics['student_params']:,} | "
+            f"files: float {metrics['student_file_bytes']:,} B, int8 {metrics['student_int8_file_bytes']:,} B",
+            f"pruning {pruning['amount']:.0%} (sparsity {pruning['sparsity']:.3f}), dev acc modality / location: "
+            f"before {accuracies('before')}, pruned {accuracies('after_pruning')}, after recovery "
+            f"{accuracies('after_recovery')} (epoch {pruning['recovery_epoch']})",
+            "int8 student, same dev label as " + ", ".join(
+                f"the {reference.replace('_', ' ')} student: " + " / ".join(f"{v:.3f}" for v in values.values())
+                for reference, values in agreement.items())]
 
 
 def print_table(metrics: dict) -> None:
     print(f"\n{'model':<26}{'split':<7}" + "".join(f"{c:>14}" for c in RESULT_COLUMNS))
     for name, split, row in result_rows(metrics):
         print(f"{name:<26}{split:<7}" + "".join(f"{row[c]:>14.4f}" for c in RESULT_COLUMNS))
-    print(sizes_line(metrics))
+    print("\n".join(compression_lines(metrics)))
 
 
 # -----------------------------------------------------------------------------
@@ -935,12 +1007,66 @@ def write_report(path: Path, argv: list[str], cfg, data: dict, names: dict, metr
     lines += ["", "## Teacher, student and int8 student", ""] + markdown_table(
         ["model", "split", *RESULT_COLUMNS], [[name, split, *(f"{row[c]:.4f}" for c in RESULT_COLUMNS)]
                                               for name, split, row in result_rows(metrics)])
-    lines += ["", sizes_line(metrics), f"best checkpoint: epoch {metrics['best_epoch']}", "",
+    lines += ["", *compression_lines(metrics), "", f"best checkpoint: epoch {metrics['best_epoch']}", "",
               "## Wall time per stage", ""] + markdown_table(["stage", "seconds"], [[k, v] for k, v in stages.items()])
     lines += ["", "## Learning curves", "", "![learning curves](learning_curves.png)", "",
               "## Confusion matrices of the best checkpoint", "", "![modality](confusion_modality.png)", "",
               "![location](confusion_location.png)", ""]
     atomic_write(path, lambda tmp: tmp.write_text("\n".join(lines)))
+
+
+# -----------------------------------------------------------------------------
+# predict: python light-weight-vlm.py predict --model FILE --image PATH [PATH ...] [--text TEXT]
+
+
+def parse_predict(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="light-weight-vlm.py predict",
+                                     description="Modality and location of each image, one JSON object per line.")
+    parser.add_argument("--model", default=f"{RESULTS_DIR}/lightweight_vlm_int8.pt",
+                        help="a student file: the int8 .pt or the float .pth (default: %(default)s)")
+    parser.add_argument("--image", nargs="+", action="extend", required=True, metavar="PATH")
+    parser.add_argument("--text", action="append", default=[],
+                        help="caption (and history); once for every image, or once per image in order; none: image only")
+    parser.add_argument("--tokenizer", help="hub id or folder of the tokenizer, if not where the model file says")
+    args = parser.parse_args(argv)
+    if len(args.text) not in (0, 1, len(args.image)):
+        parser.error(f"give --text once, or once per --image ({len(args.image)} images, {len(args.text)} texts)")
+    return args
+
+
+def read_image_or_fail(path: str, size: int) -> torch.Tensor:
+    try:
+        return decode_image(path, size)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        fail(f"{path}: cannot read the image ({getattr(e, 'strerror', None) or e})")
+
+
+def predict_images(argv: list[str]) -> list[dict]:
+    """Print and return, per image: the predicted modality and location and each class's probability."""
+    args = parse_predict(argv)
+    if not Path(args.model).is_file():
+        fail(f"{args.model}: no such model file (train one with: python light-weight-vlm.py)")
+    try:
+        model, meta = load_student(args.model)
+    except Exception as e:  # anything torch.load or load_state_dict raises means the same thing here
+        fail(f"{args.model}: not a light-weight-vlm student file ({type(e).__name__})")
+    from transformers import AutoTokenizer
+    tokenizer = load_pretrained(AutoTokenizer, args.tokenizer or meta["tokenizer"], "the model's tokenizer",
+                                "Pass --tokenizer with a local copy of it.")
+    texts = args.text * len(args.image) if len(args.text) == 1 else args.text or [""] * len(args.image)
+    ids, mask = tokenize(tokenizer, texts, meta["max_tokens"], meta["vocab"])
+    images = torch.stack([read_image_or_fail(path, meta["image_size"]) for path in args.image])
+    logits = predict(model, dict(images=images, ids=ids, mask=mask), torch.device("cpu"))
+    rows = []
+    for i, path in enumerate(args.image):
+        row = dict(image=path, with_text=bool(texts[i].strip()))
+        for task, task_logits in zip(TASKS, logits):
+            names, probabilities = meta["labels"][task], task_logits[i].softmax(0)
+            row[task] = names[int(probabilities.argmax())]
+            row[f"{task}_probabilities"] = {name: round(float(p), 4) for name, p in zip(names, probabilities)}
+        print(json.dumps(row))
+        rows.append(row)
+    return rows
 
 
 # -----------------------------------------------------------------------------
@@ -1052,14 +1178,17 @@ def student_tokenizer(cfg, teacher: dict):
     return load_pretrained(AutoTokenizer, cfg.TOKENIZER, "TOKENIZER")
 
 
-def prepare_split(samples: list[dict], images: dict, tokenizer, names: dict, split: str, cfg) -> dict:
-    ids, mask = tokenize(tokenizer, [s["text"] for s in samples], cfg.MAX_TOKENS)
+def prepare_split(samples: list[dict], images: dict, tokenizer, vocab: list[int], names: dict, split: str,
+                  cfg) -> dict:
+    ids, mask = tokenize(tokenizer, [s["text"] for s in samples], cfg.MAX_TOKENS, vocab)
     return dict(images=torch.stack([images[s["image_key"]] for s in samples]), ids=ids, mask=mask,
                 labels=tuple(encode_labels(samples, task, names[task], split) for task in TASKS))
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict | list[dict]:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["predict"]:
+        return predict_images(argv[1:])
     cfg = parse_config(argv)
     marks = [("start", time.time())]  # (stage, when it ended), for the report
     random.seed(cfg.SEED)
@@ -1092,7 +1221,9 @@ def main(argv: list[str] | None = None) -> dict:
     teacher_params = sum(count_parameters(teacher[k]) for k in ("clip", "text") if k in teacher)
     features = {split: teacher_features(samples, images, teacher, cfg, device) for split, samples in splits.items()}
     tokenizer = student_tokenizer(cfg, teacher)
-    data = {split: prepare_split(samples, images, tokenizer, names, split, cfg) for split, samples in splits.items()}
+    vocab = student_vocabulary(tokenizer, [s["text"] for s in splits["train"]], cfg.MAX_TOKENS)
+    data = {split: prepare_split(samples, images, tokenizer, vocab, names, split, cfg)
+            for split, samples in splits.items()}
     heads, teacher_logits = train_teacher_heads({s: torch.cat(list(f.values()), dim=1) for s, f in features.items()},
                                                 {s: d["labels"] for s, d in data.items()}, n_classes, cfg)
     teacher_params += count_parameters(heads)
@@ -1106,17 +1237,20 @@ def main(argv: list[str] | None = None) -> dict:
     marks.append(("teacher", time.time()))
 
     # student
-    kwargs = student_kwargs(cfg, tokenizer, n_classes)
+    kwargs = student_kwargs(cfg, tokenizer, vocab, n_classes)
+    print(f"student vocabulary: the {len(vocab):,} token ids of the train texts (of {len(tokenizer):,}); "
+          f"any other reads as {tokenizer.unk_token!r}")
     student = Student(**kwargs)
     tokenizer_name = cfg.TOKENIZER or cfg.TEXT_TEACHER
     if cfg.PCA_EMBEDDING and "text" in teacher and tokenizer_name == cfg.TEXT_TEACHER:
         with torch.no_grad():
-            student.embedding.weight.copy_(pca_embedding(teacher["text"].get_input_embeddings().weight, cfg.EMBED_DIM))
+            student.embedding.weight.copy_(pca_embedding(teacher["text"].get_input_embeddings().weight,
+                                                         cfg.EMBED_DIM)[vocab])
         print(f"student embedding: PCA of {cfg.TEXT_TEACHER}'s token embeddings to {cfg.EMBED_DIM} dims")
     del teacher
     student.to(device)
     print(f"parameters: teacher {teacher_params:,} | student {count_parameters(student):,} | device {device}")
-    meta = dict(student=kwargs, labels=names, tokenizer=tokenizer_name, max_tokens=cfg.MAX_TOKENS,
+    meta = dict(student=kwargs, labels=names, tokenizer=tokenizer_name, vocab=vocab, max_tokens=cfg.MAX_TOKENS,
                 image_size=cfg.IMAGE_SIZE, normalization=(NORM_MEAN, NORM_STD), quantized=False)
     best = train_student(student, data, cfg, names, meta, device)
     print(f"best dev mean macro-F1 {best['score']:.4f} at epoch {best['epoch']}")
@@ -1131,14 +1265,18 @@ def main(argv: list[str] | None = None) -> dict:
     marks.append(("pruning and quantization", time.time()))
     metrics["student"] = student_summary(evaluation)
     metrics["student_int8"] = student_summary(evaluate_student(int8, data, names, torch.device("cpu")))
+    int8_predicted = dev_check(int8, data, torch.device("cpu"))["predicted"]
+    metrics["pruning"] = compressed["report"]
+    metrics["int8_agreement"] = {reference: {task: round(float((a == b).float().mean()), 4)
+                                             for task, a, b in zip(TASKS, predicted, int8_predicted)}
+                                 for reference, predicted in compressed["predicted"].items()}
     metrics["teacher"].pop("train")
     marks.append(("evaluation", time.time()))
 
     # reporting
     metrics.update(student_params=count_parameters(student), teacher_params=teacher_params,
                    student_file_bytes=float_path.stat().st_size, student_int8_file_bytes=compressed["path"].stat().st_size,
-                   sparsity=round(compressed["sparsity"], 4), best_epoch=best["epoch"],
-                   prune_finetune_epoch=compressed["finetune_epoch"], skipped=dict(skipped),
+                   best_epoch=best["epoch"], skipped=dict(skipped),
                    seconds=round(time.time() - marks[0][1], 1))
     results = Path(cfg.RESULTS_DIR)
     write_json(results / "metrics.json", metrics)

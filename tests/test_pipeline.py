@@ -1,5 +1,6 @@
 import csv
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -199,8 +200,8 @@ def test_ema_follows_the_weights_quickly_at_first_then_slowly(lvm):
 
 
 def test_default_student_fits_the_parameter_budget(lvm):
-    student = lvm.Student(vocab_size=30522, pad_id=0, n_modality=2, n_location=5)
-    assert 1_000_000 < lvm.count_parameters(student) <= 5_000_000
+    student = lvm.Student(vocab_size=4053, pad_id=0, n_modality=2, n_location=5)  # MedPix train's vocabulary
+    assert 500_000 < lvm.count_parameters(student) <= 1_000_000
 
 
 def test_forward_with_and_without_text(lvm):
@@ -377,30 +378,135 @@ def test_demo_run_writes_every_output(lvm, demo_run):
     assert saved["student_file_bytes"] == (workdir / "results" / "lightweight_vlm.pth").stat().st_size
     assert saved["student_int8_file_bytes"] == (workdir / "results" / "lightweight_vlm_int8.pt").stat().st_size
     assert saved["student_int8_file_bytes"] < saved["student_file_bytes"]
-    assert saved["sparsity"] == pytest.approx(lvm.PRUNE_AMOUNT, abs=0.01)
-    assert 0 <= saved["prune_finetune_epoch"] <= lvm.PRUNE_FINETUNE_EPOCHS
     assert saved["student_params"] > 0 and saved["teacher_params"] > 0
     assert not list(workdir.rglob(".*.tmp"))  # no half-written file left behind
 
 
-def test_int8_student_loads_alone_and_agrees_with_float(lvm, demo_run):
-    workdir, _ = demo_run
-    float_model, meta = lvm.load_student(workdir / "results" / "lightweight_vlm.pth")
-    int8_model, int8_meta = lvm.load_student(workdir / "results" / "lightweight_vlm_int8.pt")
-    assert int8_meta["quantized"] and not meta["quantized"] and int8_meta["labels"] == meta["labels"]
-    assert {type(m).__module__ for m in (int8_model.lstm, int8_model.fusion[0], int8_model.modality_head)} == \
-        {"torch.ao.nn.quantized.dynamic.modules.rnn", "torch.ao.nn.quantized.dynamic.modules.linear"}
+def demo_dev_data(lvm, workdir: Path, meta: dict) -> dict:
+    """The demo dev split prepared as a saved student reads it."""
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(workdir / meta["tokenizer"])
     samples = lvm.load_split(workdir / lvm.DEMO["DATA_ROOT"], "dev", Counter())
     images = lvm.load_images(samples, meta["image_size"], workdir / "cache", Counter())
-    data = lvm.prepare_split(samples, images, tokenizer, meta["labels"], "dev", lvm.parse_config(["--demo"]))
+    return lvm.prepare_split(samples, images, tokenizer, meta["vocab"], meta["labels"], "dev",
+                             lvm.parse_config(["--demo"]))
+
+
+def test_int8_student_quantizes_every_layer_kind_and_reports_its_agreement(lvm, demo_run):
+    workdir, metrics = demo_run
+    float_model, meta = lvm.load_student(workdir / "results" / "lightweight_vlm.pth")
+    int8_model, int8_meta = lvm.load_student(workdir / "results" / "lightweight_vlm_int8.pt")
+    assert int8_meta["quantized"] and not meta["quantized"] and int8_meta["labels"] == meta["labels"]
+    kinds = Counter(m._get_name() for m in int8_model.modules())  # the names its repr shows
+    assert kinds["QuantizedConvReLU2d"] == len(lvm.CNN_CHANNELS) and kinds["Conv2d"] == 0
+    assert kinds["QuantizedEmbedding"] == 1 and kinds["DynamicQuantizedLSTM"] == 1
+    assert kinds["DynamicQuantizedLinear"] == 3 and kinds["Linear"] == 0
+    assert metrics["student_int8_file_bytes"] < 0.35 * metrics["student_file_bytes"]
+    data = demo_dev_data(lvm, workdir, meta)
     cpu = torch.device("cpu")
-    for with_text in (True, False):
-        float_logits = lvm.predict(float_model, data, cpu, with_text=with_text)
-        int8_logits = lvm.predict(int8_model, data, cpu, with_text=with_text)
-        for f, q in zip(float_logits, int8_logits):
-            assert (f.argmax(1) == q.argmax(1)).float().mean() >= 0.9
+    int8_predicted = [lg.argmax(1) for lg in lvm.predict(int8_model, data, cpu)]
+    float_predicted = [lg.argmax(1) for lg in lvm.predict(float_model, data, cpu)]
+    for task, f, q in zip(lvm.TASKS, float_predicted, int8_predicted):
+        assert metrics["int8_agreement"]["float"][task] == pytest.approx(float((f == q).float().mean()), abs=1e-4)
+    assert all(v >= 0.95 for v in metrics["int8_agreement"]["pruned_float"].values())
+    int8_only = lvm.predict(int8_model, data, cpu, with_text=False)
+    float_only = lvm.predict(float_model, data, cpu, with_text=False)
+    assert all((f.argmax(1) == q.argmax(1)).float().mean() >= 0.85 for f, q in zip(float_only, int8_only))
+
+
+def test_pruning_report_in_metrics_and_log(lvm, demo_run):
+    workdir, metrics = demo_run
+    report = metrics["pruning"]
+    rows = read_csv(workdir / "logs" / "pruning.csv")
+    assert rows[0] == ["stage", "epoch", "modality_acc", "location_acc", "score"]
+    assert [(r[0], int(r[1])) for r in rows[1:]] == [("float", 0), ("pruned", 0)] + [
+        ("recovery", e) for e in range(1, lvm.PRUNE_FINETUNE_EPOCHS + 1)]
+    logged = {int(r[1]) if r[0] != "float" else -1: {k: float(v) for k, v in zip(rows[0][2:], r[2:])} for r in rows[1:]}
+    assert report["before"] == logged[-1] and report["after_pruning"] == logged[0]
+    assert report["after_recovery"] == logged[report["recovery_epoch"]]
+    assert report["after_recovery"]["score"] == max(v["score"] for k, v in logged.items() if k >= 0)
+    assert report["before"]["modality_acc"] == metrics["student"]["dev"]["modality_acc"]
+    assert report["amount"] == lvm.PRUNE_AMOUNT and report["sparsity"] == pytest.approx(lvm.PRUNE_AMOUNT, abs=0.01)
+
+
+def test_student_vocabulary_is_the_train_tokens_and_reads_others_as_unknown(lvm, demo_run):
+    workdir, _ = demo_run
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(workdir / lvm.DEMO["TEXT_TEACHER"])
+    train_texts = ["axial ct of the brain", "mri of the knee"]
+    vocab = lvm.student_vocabulary(tokenizer, train_texts, 16)
+    seen = {i for ids in tokenizer(train_texts, add_special_tokens=False)["input_ids"] for i in ids}
+    assert sorted(vocab) == vocab and set(vocab) == seen | {tokenizer.pad_token_id, tokenizer.unk_token_id}
+    spine = tokenizer.convert_tokens_to_ids("spine")
+    assert spine not in seen and spine != tokenizer.unk_token_id
+    ids, mask = lvm.tokenize(tokenizer, ["ct of the spine", ""], 6, vocab)
+    unknown = vocab.index(tokenizer.unk_token_id)
+    assert ids[0, :4].tolist() == [vocab.index(tokenizer.convert_tokens_to_ids(w)) for w in ("ct", "of", "the")] + [unknown]
+    assert mask.tolist() == [[1, 1, 1, 1, 0, 0], [0] * 6]
+    assert (ids[:, 4:] == vocab.index(tokenizer.pad_token_id)).all() and ids.max() < len(vocab)
+
+
+def run_predict(lvm, workdir: Path, args: list[str], capsys) -> list[dict]:
+    previous = os.getcwd()
+    os.chdir(workdir)
+    try:
+        rows = lvm.main(["predict", *args])
+    finally:
+        os.chdir(previous)
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert printed == rows
+    return rows
+
+
+def test_predict_prints_one_json_object_per_image_from_either_file(lvm, demo_run, capsys):
+    workdir, _ = demo_run
+    _, meta = lvm.load_student(workdir / "results" / "lightweight_vlm.pth")
+    data = demo_dev_data(lvm, workdir, meta)
+    samples = lvm.load_split(workdir / lvm.DEMO["DATA_ROOT"], "dev", Counter())[:3]
+    images = [str(Path(s["image"]).relative_to(workdir)) for s in samples]
+    for file in ("lightweight_vlm_int8.pt", "lightweight_vlm.pth"):
+        model, _ = lvm.load_student(workdir / "results" / file)
+        for texts in ([s["text"] for s in samples], []):
+            args = ["--model", f"results/{file}", "--image", *images] + [a for t in texts for a in ("--text", t)]
+            rows = run_predict(lvm, workdir, args, capsys)
+            logits = lvm.predict(model, {k: v[:3] for k, v in data.items() if k != "labels"}, torch.device("cpu"),
+                                 with_text=bool(texts))
+            assert [r["image"] for r in rows] == images and all(r["with_text"] == bool(texts) for r in rows)
+            for task, task_logits in zip(lvm.TASKS, logits):
+                for row, lg in zip(rows, task_logits):
+                    probabilities = row[f"{task}_probabilities"]
+                    assert list(probabilities) == meta["labels"][task]
+                    assert sum(probabilities.values()) == pytest.approx(1, abs=1e-3)
+                    assert row[task] == meta["labels"][task][int(lg.argmax())]
+                    assert list(probabilities.values()) == pytest.approx(lg.softmax(0).tolist(), abs=1e-4)
+
+
+@pytest.mark.parametrize("content, expected", [(None, "no_such.png: cannot read the image (No such file or directory)"),
+                                               (b"not a png", "cannot identify image file"),
+                                               (b"", "cannot identify image file")])
+def test_predict_names_a_missing_or_unreadable_image(lvm, demo_run, capsys, content, expected):
+    workdir, _ = demo_run
+    if content is not None:
+        (workdir / "no_such.png").write_bytes(content)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            run_predict(lvm, workdir, ["--image", "no_such.png"], capsys)
+    finally:
+        (workdir / "no_such.png").unlink(missing_ok=True)
+    message = str(stop.value)
+    assert message.startswith("light-weight-vlm: error: no_such.png: ") and expected in message and "\n" not in message
+
+
+def test_predict_rejects_a_missing_model_file_and_mismatched_texts(lvm, demo_run, capsys):
+    workdir, _ = demo_run
+    with pytest.raises(SystemExit) as stop:
+        run_predict(lvm, workdir, ["--model", "results/none.pt", "--image", "a.png"], capsys)
+    assert str(stop.value) == "light-weight-vlm: error: results/none.pt: no such model file " \
+                              "(train one with: python light-weight-vlm.py)"
+    with pytest.raises(SystemExit) as stop:
+        lvm.main(["predict", "--image", "a.png", "b.png", "--text", "x", "--text", "y", "--text", "z"])
+    assert stop.value.code == 2
+    assert "give --text once, or once per --image (2 images, 3 texts)" in capsys.readouterr().err
 
 
 def test_demo_run_draws_pictures_and_a_report_with_the_runs_numbers(lvm, demo_run):
