@@ -146,18 +146,21 @@ def setting_parser(key: str) -> Callable[[str], object]:
 def parse_config(argv: list[str]) -> argparse.Namespace:
     """Defaults from the CONFIG block, then --demo's, then the command line's."""
     parser = argparse.ArgumentParser(prog="light-weight-vlm.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     usage="%(prog)s [--demo] [--resume] [--NAME VALUE ...] | predict ...",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--demo", action="store_true", help="synthetic data and tiny teachers, no download")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run from RESULTS_DIR/checkpoint.pt (same settings)")
     for key in CONFIG_KEYS:
         parser.add_argument(f"--{key}", type=setting_parser(key), default=argparse.SUPPRESS, metavar="VALUE",
                             help=f"default: {globals()[key]!r}")
     overrides = vars(parser.parse_args(argv))
-    demo = overrides.pop("demo")
+    demo, resume = overrides.pop("demo"), overrides.pop("resume")
     cfg = {key: globals()[key] for key in CONFIG_KEYS} | (DEMO if demo else {}) | overrides
     for key, ok, expected in config_ranges(cfg):
         if not ok:
             parser.error(f"--{key} must be {expected}, got {cfg[key]!r}")
-    return argparse.Namespace(**cfg, demo=demo)
+    return argparse.Namespace(**cfg, demo=demo, resume=resume)
 
 
 def config_ranges(cfg: dict) -> list[tuple[str, bool, str]]:
@@ -205,12 +208,20 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
     atomic_write(path, write)
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    try:
-        with jsonlines.open(path) as reader:
-            return list(reader.iter(type=dict, skip_empty=True))
-    except jsonlines.InvalidLineError as e:
-        fail(f"{path}:{e.lineno}: not a JSON object ({e.line[:60]!r})")
+def read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) for every non-blank line. A line that is not a JSON object, or a file
+    without any, stops the run: a data file that does not parse cannot be trusted in part."""
+    records = []
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    records.append((lineno, jsonlines.Reader([line]).read(type=dict)))
+                except jsonlines.InvalidLineError:
+                    fail(f"{path}:{lineno}: not a JSON object ({line[:60].decode(errors='replace')!r})")
+    if not records:
+        fail(f"{path}: empty, no JSON line in it")
+    return records
 
 
 def check_layout(root: Path) -> None:
@@ -233,24 +244,34 @@ def assemble_text(caption: str | None, history: str | None) -> str:
     return " ".join(part.strip() for part in (caption, history) if isinstance(part, str) and part.strip())
 
 
+def nested_text(record: dict, *keys: str) -> str | None:
+    """record[keys[0]][keys[1]]..., when every level is there and the end is a string; else None."""
+    for key in keys:
+        record = record.get(key) if isinstance(record, dict) else None
+    return record if isinstance(record, str) else None
+
+
 def load_split(root: Path, split: str, skipped: Counter) -> list[dict]:
-    """One sample per image record; records lacking a required field are skipped and counted."""
+    """One sample per image record. A record lacking a required field (missing, null, empty or not a
+    string), or whose case is not in the split's data file, is skipped and counted."""
     data_path, desc_path = split_files(root, split)
-    cases = {r["U_id"]: r for r in read_jsonl(data_path) if r.get("U_id")}
+    cases = {r["U_id"]: r for _, r in read_jsonl(data_path) if isinstance(r.get("U_id"), str)}
     samples = []
-    for lineno, record in enumerate(read_jsonl(desc_path), 1):
-        missing = [field for field in REQUIRED_FIELDS if not record.get(field)]
+    for lineno, record in read_jsonl(desc_path):
+        missing = [field for field in REQUIRED_FIELDS if not (nested_text(record, field) or "").strip()]
         if missing:
             warn_skip(skipped, "record without required field", f"{desc_path}:{lineno}: no {', '.join(missing)}")
-            continue
-        case = cases.get(record["U_id"]) or {}
-        description = record.get("Description") or {}
-        samples.append(dict(
-            image=str(root / "images" / f"{record['image']}.png"),
-            text=assemble_text(description.get("Caption"), (case.get("Case") or {}).get("History")),
-            modality=record["Type"],
-            location=record["Location Category"],
-        ))
+        elif record["U_id"] not in cases:
+            warn_skip(skipped, "case not in the data file", f"{desc_path}:{lineno}: case {record['U_id']!r} is not "
+                                                            f"in {data_path.name}")
+        else:
+            samples.append(dict(
+                image=str(root / "images" / f"{record['image']}.png"),
+                text=assemble_text(nested_text(record, "Description", "Caption"),
+                                   nested_text(cases[record["U_id"]], "Case", "History")),
+                modality=record["Type"].strip(),
+                location=record["Location Category"].strip(),
+            ))
     if not samples:
         fail(f"{desc_path}: no usable sample in split '{split}'")
     return samples
@@ -287,8 +308,10 @@ def settings_key(**settings) -> str:
     return sha256(json.dumps(settings, sort_keys=True, default=str))[:16]
 
 
-def cached(path: Path, keys: list[str], compute: Callable[[list[str]], dict[str, torch.Tensor]]) -> dict:
-    """A content-keyed tensor store: load it, compute the missing keys, save it back atomically."""
+def cached(path: Path, keys: list[str], compute: Callable[[list[str]], dict[str, torch.Tensor]],
+           save_every: int = 512) -> dict:
+    """A content-keyed tensor store: load it, compute the missing keys, save it back atomically after
+    every save_every keys, so that an interrupted run keeps what it had computed."""
     store = {}
     if path.exists():
         try:
@@ -296,8 +319,8 @@ def cached(path: Path, keys: list[str], compute: Callable[[list[str]], dict[str,
         except Exception as e:  # a corrupt store is rebuilt, never trusted
             tqdm.write(f"cache: {path} is unreadable ({type(e).__name__}), rebuilding it")
     missing = [k for k in dict.fromkeys(keys) if k not in store]
-    if missing:
-        store.update(compute(missing))
+    for i in range(0, len(missing), save_every):
+        store.update(compute(missing[i:i + save_every]))
         atomic_write(path, lambda tmp: torch.save(store, tmp))
     return store
 
@@ -311,9 +334,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+IMAGE_ERRORS = (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning)
+
+
 def decode_image(path: str, size: int) -> torch.Tensor:
-    with Image.open(path) as image:
-        rgb = to_rgb(image)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # a huge image is refused, not decoded
+        with Image.open(path) as image:
+            rgb = to_rgb(image)
     return v2.Compose([v2.PILToTensor(), v2.Resize((size, size), antialias=True)])(rgb)
 
 
@@ -332,7 +360,7 @@ def load_images(samples: list[dict], size: int, cache_dir: Path, skipped: Counte
         for key in tqdm(keys, desc="decoding images", leave=False):
             try:
                 decoded[key] = decode_image(paths[key], size)
-            except (OSError, ValueError, Image.DecompressionBombError) as e:
+            except IMAGE_ERRORS as e:
                 warn_skip(skipped, "image unreadable", f"{paths[key]}: {e}")
         return decoded
 
@@ -704,9 +732,53 @@ def save_student(path: Path, student: nn.Module, meta: dict) -> None:
     atomic_write(path, lambda tmp: torch.save({**meta, "state_dict": student.state_dict()}, tmp))
 
 
+def checkpoint_settings(cfg, meta: dict) -> dict:
+    """What a checkpoint must have been trained with to be resumed: every constant, and the data."""
+    return {key: getattr(cfg, key) for key in CONFIG_KEYS} | dict(data=meta["data"])
+
+
+def save_checkpoint(path: Path, parts: dict, generator: torch.Generator, progress: dict, settings: dict) -> None:
+    """Everything the next epoch depends on: every part's state, every random generator, the log so far."""
+    rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+               generator=generator.get_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+    checkpoint = {name: part.state_dict() for name, part in parts.items()} | dict(
+        progress=progress, rng=rng, settings=settings)
+    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+
+
+def load_checkpoint(path: Path, parts: dict, generator: torch.Generator, settings: dict) -> dict | None:
+    """Restore what save_checkpoint wrote, in place, and return the progress; None when there is none."""
+    if not path.exists():
+        print(f"resume: no checkpoint at {path}, training from the first epoch")
+        return None
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)  # our own file: it holds RNG states
+    except Exception as e:  # truncated or not ours: say so rather than train on garbage
+        fail(f"{path}: unreadable checkpoint ({type(e).__name__}); delete it to train from the first epoch")
+    changed = sorted(k for k in settings.keys() | checkpoint["settings"].keys()
+                     if settings.get(k) != checkpoint["settings"].get(k))
+    if changed:
+        fail(f"{path} was written with other settings ({', '.join(changed)}); resume with the same command, "
+             f"or delete it to train from the first epoch")
+    for name, part in parts.items():
+        part.load_state_dict(checkpoint[name])
+    rng = checkpoint["rng"]
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    generator.set_state(rng["generator"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    progress = checkpoint["progress"]
+    print(f"resumed from {path}: {progress['epoch']} of {settings['EPOCHS']} epochs done, "
+          f"best so far epoch {progress['best']['epoch']}")
+    return progress
+
+
 def train_student(student: nn.Module, data: dict, cfg, names: dict, meta: dict, device: torch.device) -> dict:
     """Distil for EPOCHS epochs, log each one, keep the checkpoint with the best dev mean macro-F1;
-    return its score and epoch, and the log's rows."""
+    return its score and epoch, and the log's rows. The state at the end of every epoch is saved to
+    RESULTS_DIR/checkpoint.pt, from which --resume continues as if never stopped."""
     from transformers import get_cosine_schedule_with_warmup
     log_dir, results = Path(cfg.LOG_DIR), Path(cfg.RESULTS_DIR)
     adapters = feature_adapters(student, data["train"]["features"]).to(device)
@@ -722,8 +794,14 @@ def train_student(student: nn.Module, data: dict, cfg, names: dict, meta: dict, 
     header = ["epoch", "train_loss", "val_modality_acc", "val_location_acc", "modality_precision", "modality_recall",
               "modality_f1", "location_precision", "location_recall", "location_f1", "lr", "embedding_frozen",
               "seconds"]
-    rows, best = [header], dict(score=-1.0, epoch=0)
-    for epoch in range(1, cfg.EPOCHS + 1):
+    parts = dict(student=student, adapters=adapters, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+    if ema:
+        parts["ema"] = ema
+    checkpoint, settings = results / "checkpoint.pt", checkpoint_settings(cfg, meta)
+    progress = (cfg.resume and load_checkpoint(checkpoint, parts, generator, settings)) or dict(
+        epoch=0, rows=[header], best=dict(score=-1.0, epoch=0))
+    rows, best = progress["rows"], progress["best"]
+    for epoch in range(progress["epoch"] + 1, cfg.EPOCHS + 1):
         start = time.time()
         frozen = epoch <= cfg.FREEZE_EPOCHS
         if student.embedding.weight.requires_grad == frozen:
@@ -745,6 +823,7 @@ def train_student(student: nn.Module, data: dict, cfg, names: dict, meta: dict, 
             best = dict(score=score, epoch=epoch)
             save_student(results / "lightweight_vlm.pth", evaluated, meta)
             marker = " (best, saved)"
+        save_checkpoint(checkpoint, parts, generator, dict(epoch=epoch, rows=rows, best=best), settings)
         tqdm.write(f"epoch {epoch:3d} | loss {loss:.4f} | dev modality acc {m['acc']:.3f} f1 {m['f1']:.3f} | "
                    f"location acc {loc['acc']:.3f} f1 {loc['f1']:.3f} | {time.time() - start:.1f}s{marker}")
     return best | dict(log=rows)
@@ -1037,7 +1116,7 @@ def parse_predict(argv: list[str]) -> argparse.Namespace:
 def read_image_or_fail(path: str, size: int) -> torch.Tensor:
     try:
         return decode_image(path, size)
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+    except IMAGE_ERRORS as e:
         fail(f"{path}: cannot read the image ({getattr(e, 'strerror', None) or e})")
 
 
@@ -1104,7 +1183,8 @@ def demo_image(rng: random.Random, modality: str, location: str) -> Image.Image:
     else:
         draw.ellipse(box(0.5, 0.5, 0.4, 0.3), fill=tissue)
         draw.ellipse(box(0.5, 0.62 + jitter(), 0.12, 0.1), fill=bone)
-    noise = Image.effect_noise((w, h), 40 if modality == "CT" else 15)
+    noise = np.random.default_rng(rng.getrandbits(32)).normal(128, 40 if modality == "CT" else 15, (h, w))
+    noise = Image.fromarray(noise.clip(0, 255).astype(np.uint8))  # seeded: Image.effect_noise is not
     return Image.blend(image.filter(ImageFilter.GaussianBlur(1 if modality == "CT" else 2)), noise, 0.25)
 
 
@@ -1190,6 +1270,20 @@ def main(argv: list[str] | None = None) -> dict | list[dict]:
     if argv[:1] == ["predict"]:
         return predict_images(argv[1:])
     cfg = parse_config(argv)
+    try:
+        return run(cfg, argv)
+    except KeyboardInterrupt:
+        import shlex
+        checkpoint = Path(cfg.RESULTS_DIR) / "checkpoint.pt"
+        resume = shlex.join(["python", "light-weight-vlm.py", *[a for a in argv if a != "--resume"], "--resume"])
+        print(f"\ninterrupted. Finished stages are kept (caches in {cfg.CACHE_DIR}/" +
+              (f", finished epochs in {checkpoint}" if checkpoint.exists() else "") + f"); continue with: {resume}",
+              file=sys.stderr)
+        raise SystemExit(130)  # the shell's code for a run stopped by Ctrl-C
+
+
+def run(cfg, argv: list[str]) -> dict:
+    """Every stage, from data to report."""
     marks = [("start", time.time())]  # (stage, when it ended), for the report
     random.seed(cfg.SEED)
     np.random.seed(cfg.SEED)
@@ -1250,8 +1344,11 @@ def main(argv: list[str] | None = None) -> dict | list[dict]:
     del teacher
     student.to(device)
     print(f"parameters: teacher {teacher_params:,} | student {count_parameters(student):,} | device {device}")
-    meta = dict(student=kwargs, labels=names, tokenizer=tokenizer_name, vocab=vocab, max_tokens=cfg.MAX_TOKENS,
-                image_size=cfg.IMAGE_SIZE, normalization=(NORM_MEAN, NORM_STD), quantized=False)
+    fingerprint = settings_key(**{split: [(s["image_key"], s["text"], s["modality"], s["location"]) for s in samples]
+                                  for split, samples in splits.items()})
+    meta = dict(student=kwargs, labels=names, tokenizer=tokenizer_name, vocab=vocab, data=fingerprint,
+                max_tokens=cfg.MAX_TOKENS, image_size=cfg.IMAGE_SIZE, normalization=(NORM_MEAN, NORM_STD),
+                quantized=False)
     best = train_student(student, data, cfg, names, meta, device)
     print(f"best dev mean macro-F1 {best['score']:.4f} at epoch {best['epoch']}")
     marks.append(("distillation", time.time()))

@@ -1,7 +1,10 @@
+import csv
 import importlib.util
 import os
+from collections import Counter
 from pathlib import Path
 
+import jsonlines
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,3 +31,27 @@ def demo_run(lvm, tmp_path_factory):
     finally:
         os.chdir(previous)
     return workdir, metrics
+
+
+def write_split(root: Path, split: str, cases: list[dict], descriptions: list[dict]) -> None:
+    folder = root / "splitted_dataset"
+    folder.mkdir(parents=True, exist_ok=True)
+    with jsonlines.open(folder / f"data_{split}.jsonl", "w") as w:
+        w.write_all(cases)
+    with jsonlines.open(folder / f"descriptions_{split}.jsonl", "w") as w:
+        w.write_all(descriptions)
+
+
+def read_csv(path: Path) -> list[list[str]]:
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def demo_dev_data(lvm, workdir: Path, meta: dict) -> dict:
+    """The demo dev split of a run in workdir, prepared as a saved student reads it."""
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(workdir / meta["tokenizer"])
+    samples = lvm.load_split(workdir / lvm.DEMO["DATA_ROOT"], "dev", Counter())
+    images = lvm.load_images(samples, meta["image_size"], workdir / "cache", Counter())
+    return lvm.prepare_split(samples, images, tokenizer, meta["vocab"], meta["labels"], "dev",
+                             lvm.parse_config(["--demo"]))

@@ -1,35 +1,19 @@
-import csv
 import json
 import os
 from collections import Counter
 from pathlib import Path
 
-import jsonlines
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import MEDPIX
-
-
-def write_split(root: Path, split: str, cases: list[dict], descriptions: list[dict]) -> None:
-    folder = root / "splitted_dataset"
-    folder.mkdir(parents=True, exist_ok=True)
-    with jsonlines.open(folder / f"data_{split}.jsonl", "w") as w:
-        w.write_all(cases)
-    with jsonlines.open(folder / f"descriptions_{split}.jsonl", "w") as w:
-        w.write_all(descriptions)
+from conftest import MEDPIX, demo_dev_data, read_csv, write_split
 
 
 def small_student(lvm, vocab_size=50):
     return lvm.Student(vocab_size, 0, 2, 5, cnn_channels=(4, 8), embed_dim=8, lstm_hidden=8, fusion_dim=16)
-
-
-def read_csv(path: Path) -> list[list[str]]:
-    with open(path, newline="") as f:
-        return list(csv.reader(f))
 
 
 # data -------------------------------------------------------------------------
@@ -43,7 +27,8 @@ def test_text_is_caption_then_history_and_never_a_label_field(lvm, tmp_path):
         {"Type": "TYPE-LABEL", "U_id": "C1", "image": "a", "Location": "LOCATION-LABEL",
          "Location Category": "CATEGORY-LABEL", "Description": {"Caption": "Axial slice.", "Modality": "MODALITY-LABEL"}},
         {"Type": "MR", "U_id": "C2", "image": "b", "Location Category": "Head", "Description": {"Caption": None}},
-        {"Type": "CT", "U_id": "C3", "image": "c", "Location Category": "Head"},  # case absent, no Description
+        {"Type": "CT", "U_id": "C2", "image": "c", "Location Category": "Head", "Description": "?"},  # not a dict
+        {"Type": "CT", "U_id": "C3", "image": "d", "Location Category": "Head"},  # case absent: skipped and counted
         {"Type": "CT", "U_id": "C1", "Location Category": "Head"},  # no image: skipped and counted
     ]
     write_split(tmp_path, "train", cases, descriptions)
@@ -53,7 +38,7 @@ def test_text_is_caption_then_history_and_never_a_label_field(lvm, tmp_path):
     assert [s["modality"] for s in samples] == ["TYPE-LABEL", "MR", "CT"]
     assert samples[0]["location"] == "CATEGORY-LABEL"
     assert samples[0]["image"] == str(tmp_path / "images" / "a.png")
-    assert skipped == Counter({"record without required field": 1})
+    assert skipped == Counter({"record without required field": 1, "case not in the data file": 1})
     for label in ("TYPE-LABEL", "LOCATION-LABEL", "CATEGORY-LABEL", "MODALITY-LABEL", "FINDINGS-TEXT"):
         assert all(label not in s["text"] for s in samples)
 
@@ -380,16 +365,6 @@ def test_demo_run_writes_every_output(lvm, demo_run):
     assert saved["student_int8_file_bytes"] < saved["student_file_bytes"]
     assert saved["student_params"] > 0 and saved["teacher_params"] > 0
     assert not list(workdir.rglob(".*.tmp"))  # no half-written file left behind
-
-
-def demo_dev_data(lvm, workdir: Path, meta: dict) -> dict:
-    """The demo dev split prepared as a saved student reads it."""
-    from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(workdir / meta["tokenizer"])
-    samples = lvm.load_split(workdir / lvm.DEMO["DATA_ROOT"], "dev", Counter())
-    images = lvm.load_images(samples, meta["image_size"], workdir / "cache", Counter())
-    return lvm.prepare_split(samples, images, tokenizer, meta["vocab"], meta["labels"], "dev",
-                             lvm.parse_config(["--demo"]))
 
 
 def test_int8_student_quantizes_every_layer_kind_and_reports_its_agreement(lvm, demo_run):

@@ -1,0 +1,341 @@
+"""Bad input, interrupted runs, repeatability and cache staleness."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, demo_dev_data, read_csv, write_split
+
+SCRIPT = ROOT / "light-weight-vlm.py"
+
+
+def stop_message(call) -> str:
+    """The one-line message a call stops with."""
+    with pytest.raises(SystemExit) as stop:
+        call()
+    message = str(stop.value)
+    assert message.startswith("light-weight-vlm: error: ") and "\n" not in message
+    return message
+
+
+@pytest.fixture
+def small_medpix(lvm, tmp_path) -> Path:
+    root = tmp_path / "MedPix-2-0"
+    lvm.make_demo_data(root, seed=0, sizes=dict(train=12, dev=6))
+    return root
+
+
+# data layout and split files ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("remove, named", [("", "MedPix-2-0/images"), ("images", "MedPix-2-0/images"),
+                                           ("splitted_dataset", "splitted_dataset"),
+                                           ("splitted_dataset/descriptions_dev.jsonl", "descriptions_dev.jsonl"),
+                                           ("splitted_dataset/data_train.jsonl", "data_train.jsonl")])
+def test_incomplete_data_root_stops_naming_what_is_missing(lvm, small_medpix, remove, named):
+    shutil.rmtree(small_medpix / remove) if (small_medpix / remove).is_dir() else (small_medpix / remove).unlink()
+    message = stop_message(lambda: lvm.main(["--DATA_ROOT", str(small_medpix)]))
+    assert f"{named} is missing" in message and lvm.MEDPIX_URL in message
+
+
+@pytest.mark.parametrize("content", ["", "\n\n  \n"])
+def test_empty_split_file_stops(lvm, small_medpix, content):
+    (small_medpix / "splitted_dataset" / "data_dev.jsonl").write_text(content)
+    message = stop_message(lambda: lvm.main(["--DATA_ROOT", str(small_medpix)]))
+    assert message.endswith("data_dev.jsonl: empty, no JSON line in it")
+
+
+def test_split_without_usable_sample_stops(lvm, small_medpix):
+    write_split(small_medpix, "dev", [{"U_id": "X"}], [{"U_id": "X", "image": "x", "Type": None}])
+    message = stop_message(lambda: lvm.main(["--DATA_ROOT", str(small_medpix)]))
+    assert message.endswith("descriptions_dev.jsonl: no usable sample in split 'dev'")
+
+
+@pytest.mark.parametrize("lines, bad_line", [(['{"a": 1}', '{"a": '], 2), (['{"a": 1}', "", "", "[1, 2]"], 4),
+                                             (['{"a": 1}', "null"], 2)])
+def test_line_that_is_not_a_json_object_names_file_and_line(lvm, tmp_path, lines, bad_line):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    assert stop_message(lambda: lvm.read_jsonl(path)).startswith(f"light-weight-vlm: error: {path}:{bad_line}: ")
+
+
+def test_blank_lines_are_skipped_and_line_numbers_stay_true(lvm, tmp_path):
+    path = tmp_path / "ok.jsonl"
+    path.write_bytes(b'{"a": 1}\n\n{"a": "\xc3\xa9"}\n')
+    assert lvm.read_jsonl(path) == [(1, {"a": 1}), (3, {"a": "é"})]
+    path.write_bytes(b'{"a": 1}\n{"a": "\xff"}\n')
+    assert stop_message(lambda: lvm.read_jsonl(path)).startswith(f"light-weight-vlm: error: {path}:2: ")
+
+
+@pytest.mark.parametrize("change, reason", [
+    (dict(image=None), "no image"), (dict(Type=None), "no Type"), (dict(U_id=None), "no U_id"),
+    ({"Location Category": None}, "no Location Category"), (dict(Type=""), "no Type"), (dict(Type="  "), "no Type"),
+    (dict(Type=3), "no Type"), (dict(image=["a"]), "no image"), (dict(U_id="ELSEWHERE"), "case 'ELSEWHERE' is not")])
+def test_record_without_a_usable_field_or_case_is_skipped_and_counted(lvm, tmp_path, capsys, change, reason):
+    good = {"Type": "CT", "U_id": "C1", "image": "a", "Location Category": "Head", "Description": {"Caption": "x"}}
+    bad = {k: v for k, v in (good | change).items() if v is not None}
+    write_split(tmp_path, "train", [{"U_id": "C1"}], [good, bad, good])
+    skipped = Counter()
+    assert len(lvm.load_split(tmp_path, "train", skipped)) == 2
+    assert sum(skipped.values()) == 1
+    assert f"skipped: {tmp_path / 'splitted_dataset' / 'descriptions_train.jsonl'}:2: {reason}" in capsys.readouterr().out
+
+
+# images ---------------------------------------------------------------------------------
+
+
+def png_bytes(tmp_path: Path) -> bytes:
+    Image.effect_noise((64, 64), 40).convert("RGB").save(tmp_path / "noise.png")
+    return (tmp_path / "noise.png").read_bytes()
+
+
+@pytest.mark.parametrize("kind", ["missing", "truncated", "not an image", "zero bytes", "huge", "over the warning limit"])
+def test_unusable_image_is_skipped_and_counted(lvm, tmp_path, monkeypatch, capsys, kind):
+    good, bad = tmp_path / "good.png", tmp_path / "bad.png"
+    content = png_bytes(tmp_path)
+    good.write_bytes(content)
+    writes = {"truncated": content[:len(content) // 2], "not an image": b"<html>not found</html>", "zero bytes": b"",
+              "huge": content, "over the warning limit": content}
+    if kind in writes:
+        bad.write_bytes(writes[kind])
+    limits = {"huge": 1000, "over the warning limit": 3000}  # 64 x 64 = 4096 pixels: over 2x, and over 1x only
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limits.get(kind, Image.MAX_IMAGE_PIXELS))
+    samples, skipped = [{"image": str(good)}, {"image": str(bad)}], Counter()
+    store = lvm.load_images(samples, 16, tmp_path / "cache", skipped)
+    assert skipped == Counter({"image unreadable": 1}) and samples[1]["image_key"] is None
+    assert store[samples[0]["image_key"]].shape == (3, 16, 16) if kind not in limits else len(store) == 0
+    assert f"skipped: {bad}: " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mode, fmt", [("CMYK", "JPEG"), ("P", "PNG"), ("1", "PNG"), ("LA", "PNG")])  # 16 bit: test_pipeline
+def test_unusual_image_modes_decode_to_rgb(lvm, tmp_path, mode, fmt):
+    path = tmp_path / "x.png"  # a MedPix name; the content decides the format
+    Image.new("RGB", (40, 30), (200, 100, 50)).convert(mode).save(path, fmt)
+    image = lvm.decode_image(str(path), 16)
+    assert image.shape == (3, 16, 16) and image.dtype == torch.uint8 and image.float().mean() > 20
+
+
+# labels, teachers, command line ------------------------------------------------------------
+
+
+def test_one_class_train_split_and_unseen_dev_label_stop(lvm, small_medpix, tmp_path):
+    descriptions = [json.loads(line) for line in (small_medpix / "splitted_dataset" / "descriptions_train.jsonl")
+                    .read_text().splitlines()]
+    cases = [json.loads(line) for line in (small_medpix / "splitted_dataset" / "data_train.jsonl").read_text().splitlines()]
+    write_split(small_medpix, "train", cases, [d | {"Type": "CT"} for d in descriptions])
+    assert "one modality class only ('CT')" in stop_message(lambda: lvm.main(["--DATA_ROOT", str(small_medpix)]))
+    write_split(small_medpix, "train", cases, descriptions)
+    dev = [json.loads(line) for line in (small_medpix / "splitted_dataset" / "descriptions_dev.jsonl")
+           .read_text().splitlines()]
+    dev_cases = [json.loads(line) for line in (small_medpix / "splitted_dataset" / "data_dev.jsonl").read_text().splitlines()]
+    write_split(small_medpix, "dev", dev_cases, [dev[0] | {"Location Category": "Elbow"}] + dev[1:])
+    teachers = tmp_path / "teachers"
+    lvm.make_demo_teachers(teachers / "clip", teachers / "bert", seed=0)
+    message = stop_message(lambda: lvm.main(["--DATA_ROOT", str(small_medpix), "--VISION_TEACHER", str(teachers / "clip"),
+                                             "--TEXT_TEACHER", str(teachers / "bert"), "--CACHE_DIR", str(tmp_path / "c")]))
+    assert "split 'dev' has location label(s) ['Elbow'] that the train split never has" in message
+
+
+def test_missing_or_incomplete_model_folder_stops_naming_the_setting(lvm, tmp_path):
+    from transformers import AutoModel
+    message = stop_message(lambda: lvm.load_pretrained(AutoModel, str(tmp_path / "no_model"), "TEXT_TEACHER"))
+    assert f"cannot load TEXT_TEACHER='{tmp_path / 'no_model'}'" in message
+    lvm.make_demo_teachers(tmp_path / "clip", tmp_path / "bert", seed=0)
+    for weights in (tmp_path / "bert").glob("model.safetensors"):
+        weights.unlink()
+    message = stop_message(lambda: lvm.load_pretrained(AutoModel, str(tmp_path / "bert"), "TEXT_TEACHER"))
+    assert f"cannot load TEXT_TEACHER='{tmp_path / 'bert'}'" in message and "local model folder" in message
+
+
+def test_unreachable_hub_id_without_local_copy_stops_with_one_line(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))  # no network, empty hub cache
+    code = ("import importlib.util; spec = importlib.util.spec_from_file_location('lvm', r'%s'); "
+            "lvm = importlib.util.module_from_spec(spec); spec.loader.exec_module(lvm); "
+            "from transformers import AutoModel; lvm.load_pretrained(AutoModel, 'nobody/no-such-model', 'TEXT_TEACHER')"
+            % SCRIPT)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("light-weight-vlm: error: cannot load TEXT_TEACHER='nobody/no-such-model'")
+
+
+@pytest.mark.parametrize("argv, expected", [(["--EPOCHS", "-3"], "--EPOCHS must be > 0, got -3"),
+                                            (["--PRUNE_AMOUNT", "1"], "--PRUNE_AMOUNT must be in [0, 1), got 1.0"),
+                                            (["--KD_ALPHA", "-0.1"], "--KD_ALPHA must be in [0, 1], got -0.1"),
+                                            (["--EPOCH", "3"], "unrecognized arguments: --EPOCH 3"),
+                                            (["--learning-rate", "3"], "unrecognized arguments: --learning-rate 3")])
+def test_bad_command_line_stops_with_usage_and_one_error_line(lvm, capsys, argv, expected):
+    with pytest.raises(SystemExit) as stop:
+        lvm.main(argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(lines) == 2 and lines[0].startswith("usage: ")
+    assert lines[1] == f"light-weight-vlm.py: error: {expected}"
+
+
+def test_skips_are_counted_printed_and_stored_by_a_whole_run(lvm, tmp_path, capsys):
+    root = tmp_path / "MedPix-2-0"
+    lvm.make_demo_data(root, seed=0, sizes=dict(train=60, dev=15))
+    descriptions = root / "splitted_dataset" / "descriptions_train.jsonl"
+    records = [json.loads(line) for line in descriptions.read_text().splitlines()]
+    records[0]["Type"] = None
+    records[1]["U_id"] = "NO_SUCH_CASE"
+    (root / "images" / f"{records[2]['image']}.png").unlink()
+    (root / "images" / f"{records[3]['image']}.png").write_bytes(b"")
+    descriptions.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    lvm.make_demo_teachers(tmp_path / "clip", tmp_path / "bert", seed=0)
+    out = [f"--{k}" for k in ("CACHE_DIR", "LOG_DIR", "RESULTS_DIR")]
+    metrics = lvm.main(["--DATA_ROOT", str(root), "--VISION_TEACHER", str(tmp_path / "clip"), "--TEXT_TEACHER",
+                        str(tmp_path / "bert"), "--IMAGE_SIZE", "32", "--EPOCHS", "1", "--HEAD_EPOCHS", "5",
+                        "--PRUNE_FINETUNE_EPOCHS", "0", *[a for k in out for a in (k, str(tmp_path / k))]])
+    expected = {"record without required field": 1, "case not in the data file": 1, "image unreadable": 2}
+    assert metrics["skipped"] == expected
+    assert json.loads((tmp_path / "--RESULTS_DIR" / "metrics.json").read_text())["skipped"] == expected
+    last_lines = capsys.readouterr().out.strip().splitlines()[-2:]
+    assert last_lines[0] == ("skipped: 1 record without required field, 1 case not in the data file, "
+                             "2 image unreadable")
+
+
+# interrupted runs and repeatability -------------------------------------------------------
+
+
+def start_demo(workdir: Path, *extra: str) -> subprocess.Popen:
+    workdir.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen([sys.executable, str(SCRIPT), "--demo", *extra], cwd=workdir, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish(process: subprocess.Popen) -> tuple[int, str, str]:
+    out, err = process.communicate(timeout=300)
+    return process.returncode, out, err
+
+
+def wait_for_epochs(process: subprocess.Popen, log: Path, epochs: int) -> None:
+    """Block until the training log has this many epochs (the run must still be going)."""
+    deadline = time.time() + 240
+    while not (log.exists() and len(read_csv(log)) > epochs):
+        assert process.poll() is None and time.time() < deadline, "the run ended before the epochs came"
+        time.sleep(0.02)
+
+
+def without_seconds(rows: list[list[str]]) -> list[list[str]]:
+    column = rows[0].index("seconds")
+    return [row[:column] + row[column + 1:] for row in rows]
+
+
+def assert_same_outputs(lvm, a: Path, b: Path) -> None:
+    """Two runs' logs, metrics and models agree (wall-clock seconds apart)."""
+    assert without_seconds(read_csv(a / "logs" / "training_log.csv")) == \
+        without_seconds(read_csv(b / "logs" / "training_log.csv"))
+    names = sorted(p.name for p in (a / "logs").iterdir())
+    assert names == sorted(p.name for p in (b / "logs").iterdir())
+    for name in names:
+        if name != "training_log.csv":
+            assert (a / "logs" / name).read_text() == (b / "logs" / name).read_text(), name
+    metrics = [json.loads((w / "results" / "metrics.json").read_text()) for w in (a, b)]
+    assert [m.pop("seconds") > 0 for m in metrics] == [True, True] and metrics[0] == metrics[1]
+    float_a, meta = lvm.load_student(a / "results" / "lightweight_vlm.pth")
+    float_b, _ = lvm.load_student(b / "results" / "lightweight_vlm.pth")
+    assert all(torch.equal(x, y) for x, y in zip(float_a.state_dict().values(), float_b.state_dict().values()))
+    data, cpu = demo_dev_data(lvm, a, meta), torch.device("cpu")
+    int8 = [lvm.predict(lvm.load_student(w / "results" / "lightweight_vlm_int8.pt")[0], data, cpu) for w in (a, b)]
+    assert all(torch.equal(x, y) for x, y in zip(*int8))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    code, out, err = finish(start_demo(workdir))
+    assert code == 0, err
+    return workdir
+
+
+def test_two_runs_with_the_same_seed_give_identical_logs_and_predictions(lvm, uninterrupted, demo_run):
+    workdir, _ = demo_run  # the same command, run in-process
+    assert_same_outputs(lvm, uninterrupted, workdir)
+
+
+def test_killed_mid_epoch_then_resumed_ends_as_if_never_stopped(lvm, uninterrupted, tmp_path):
+    workdir = tmp_path / "killed"
+    process = start_demo(workdir)
+    wait_for_epochs(process, workdir / "logs" / "training_log.csv", 2)
+    time.sleep(0.2)  # into the third epoch
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    assert len(read_csv(workdir / "logs" / "training_log.csv")) - 1 < lvm.DEMO["EPOCHS"]
+    assert not (workdir / "results" / "metrics.json").exists()
+
+    code, out, err = finish(start_demo(workdir, "--resume"))
+    assert code == 0, err
+    assert "resumed from results/checkpoint.pt: " in out
+    epochs = [int(row[0]) for row in read_csv(workdir / "logs" / "training_log.csv")[1:]]
+    assert epochs == list(range(1, lvm.DEMO["EPOCHS"] + 1))  # each epoch exactly once
+    assert_same_outputs(lvm, uninterrupted, workdir)
+    assert not list(workdir.rglob(".*.tmp"))
+
+
+def test_ctrl_c_stops_cleanly_and_says_how_to_resume(lvm, tmp_path):
+    workdir = tmp_path / "interrupted"
+    process = start_demo(workdir, "--SEED", "7")
+    wait_for_epochs(process, workdir / "logs" / "training_log.csv", 2)
+    process.send_signal(signal.SIGINT)
+    code, out, err = finish(process)
+    assert code == 130 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        "interrupted. Finished stages are kept (caches in cache/, finished epochs in results/checkpoint.pt); "
+        "continue with: python light-weight-vlm.py --demo --SEED 7 --resume")
+    checkpoint = torch.load(workdir / "results" / "checkpoint.pt", weights_only=False)
+    assert checkpoint["progress"]["epoch"] >= 1  # the log of epoch 2 is written just before its checkpoint
+    assert not list(workdir.rglob(".*.tmp"))
+
+    previous = os.getcwd()
+    os.chdir(workdir)
+    try:
+        message = stop_message(lambda: lvm.main(["--demo", "--SEED", "7", "--EPOCHS", "9", "--resume"]))
+        assert "results/checkpoint.pt was written with other settings (EPOCHS)" in message
+        Path("results/checkpoint.pt").write_bytes(b"truncated")
+        message = stop_message(lambda: lvm.main(["--demo", "--SEED", "7", "--resume"]))
+        assert "results/checkpoint.pt: unreadable checkpoint" in message
+    finally:
+        os.chdir(previous)
+
+
+# caches ----------------------------------------------------------------------------------
+
+
+def test_changed_text_or_teacher_recomputes_only_what_changed(lvm, tmp_path, monkeypatch):
+    lvm.make_demo_teachers(tmp_path / "clip", tmp_path / "bert", seed=0)
+    cfg = lvm.parse_config(["--VISION_TEACHER", "None", "--TEXT_TEACHER", str(tmp_path / "bert"),
+                            "--CACHE_DIR", str(tmp_path / "cache")])
+    teacher = lvm.load_teacher(cfg)
+    computed = []
+    original = lvm.text_features
+    monkeypatch.setattr(lvm, "text_features", lambda model, tok, texts, *a: computed.append(list(texts)) or
+                        original(model, tok, texts, *a))
+    cpu = torch.device("cpu")
+    samples = [{"image_key": "a", "text": "ct of the head"}, {"image_key": "b", "text": "mri of the knee"}]
+    first = lvm.teacher_features(samples, {}, teacher, cfg, cpu)["text"]
+    samples[1]["text"] = "mri of the spine"  # the split file changed this caption
+    second = lvm.teacher_features(samples, {}, teacher, cfg, cpu)["text"]
+    assert computed == [["ct of the head", "mri of the knee"], ["mri of the spine"]]
+    assert torch.equal(first[0], second[0]) and not torch.equal(first[1], second[1])
+
+    shutil.copytree(tmp_path / "bert", tmp_path / "other")  # another teacher: same files, then new weights
+    other = lvm.parse_config(["--VISION_TEACHER", "None", "--TEXT_TEACHER", str(tmp_path / "other"),
+                              "--CACHE_DIR", str(tmp_path / "cache")])
+    lvm.teacher_features(samples, {}, teacher, other, cpu)
+    assert len(computed) == 2  # identical bytes: the same teacher, the same cache entries
+    with torch.no_grad():
+        teacher["text"].get_input_embeddings().weight.mul_(2)
+    teacher["text"].save_pretrained(tmp_path / "other")
+    changed = lvm.teacher_features(samples, {}, teacher, other, cpu)["text"]
+    assert computed[2] == ["ct of the head", "mri of the spine"] and not torch.equal(changed, second)
