@@ -186,8 +186,12 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:  # Ctrl-C included: leave neither a half-written file nor its temporary
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_csv(path: Path, rows: list[list]) -> None:
