@@ -229,8 +229,10 @@ def read_jsonl(path: Path) -> list[tuple[int, dict]]:
 
 
 def check_layout(root: Path) -> None:
+    test_files = split_files(root, "test")  # optional, but not by halves
     missing = [p for p in (root / "images", root / "splitted_dataset", *split_files(root, "train"),
-                           *split_files(root, "dev")) if not p.exists()]
+                           *split_files(root, "dev"), *(test_files if any(map(Path.exists, test_files)) else ()))
+               if not p.exists()]
     if missing:
         fail(f"MedPix 2.0 data not found: {missing[0]} is missing. Expected DATA_ROOT/images/<image>.png and "
              f"DATA_ROOT/splitted_dataset/{{data,descriptions}}_{{train,dev[,test]}}.jsonl. MedPix 2.0 is "

@@ -31,7 +31,7 @@ def stop_message(call) -> str:
 @pytest.fixture
 def small_medpix(lvm, tmp_path) -> Path:
     root = tmp_path / "MedPix-2-0"
-    lvm.make_demo_data(root, seed=0, sizes=dict(train=12, dev=6))
+    lvm.make_demo_data(root, seed=0, sizes=dict(train=12, dev=6, test=6))
     return root
 
 
@@ -41,7 +41,8 @@ def small_medpix(lvm, tmp_path) -> Path:
 @pytest.mark.parametrize("remove, named", [("", "MedPix-2-0/images"), ("images", "MedPix-2-0/images"),
                                            ("splitted_dataset", "splitted_dataset"),
                                            ("splitted_dataset/descriptions_dev.jsonl", "descriptions_dev.jsonl"),
-                                           ("splitted_dataset/data_train.jsonl", "data_train.jsonl")])
+                                           ("splitted_dataset/data_train.jsonl", "data_train.jsonl"),
+                                           ("splitted_dataset/data_test.jsonl", "data_test.jsonl")])
 def test_incomplete_data_root_stops_naming_what_is_missing(lvm, small_medpix, remove, named):
     shutil.rmtree(small_medpix / remove) if (small_medpix / remove).is_dir() else (small_medpix / remove).unlink()
     message = stop_message(lambda: lvm.main(["--DATA_ROOT", str(small_medpix)]))
