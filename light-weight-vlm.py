@@ -1092,7 +1092,8 @@ def write_report(path: Path, argv: list[str], cfg, data: dict, names: dict, metr
     lines += ["", "## Teacher, student and int8 student", ""] + markdown_table(
         ["model", "split", *RESULT_COLUMNS], [[name, split, *(f"{row[c]:.4f}" for c in RESULT_COLUMNS)]
                                               for name, split, row in result_rows(metrics)])
-    lines += ["", *compression_lines(metrics), "", f"best checkpoint: epoch {metrics['best_epoch']}", "",
+    lines += [part for line in compression_lines(metrics) for part in ("", line)]
+    lines += ["", f"best checkpoint: epoch {metrics['best_epoch']}", "",
               "## Wall time per stage", ""] + markdown_table(["stage", "seconds"], [[k, v] for k, v in stages.items()])
     lines += ["", "## Learning curves", "", "![learning curves](learning_curves.png)", "",
               "## Confusion matrices of the best checkpoint", "", "![modality](confusion_modality.png)", "",
