@@ -27,6 +27,7 @@ import json
 import math
 import os
 import random
+import shlex
 import sys
 import time
 import warnings
@@ -1075,7 +1076,6 @@ def markdown_table(header: list, rows: list[list]) -> list[str]:
 
 def write_report(path: Path, argv: list[str], cfg, data: dict, names: dict, metrics: dict, stages: dict) -> None:
     """One page: command, changed constants, data, skipped samples, results, wall time, pictures."""
-    import shlex
     changed = [[f"`{k}`", f"`{getattr(cfg, k)!r}`", f"`{globals()[k]!r}`"] for k in CONFIG_KEYS
                if getattr(cfg, k) != globals()[k]]
     lines = ["# light-weight-vlm run report", "", "```", shlex.join(["python", "light-weight-vlm.py", *argv]), "```", "",
@@ -1136,12 +1136,15 @@ def predict_images(argv: list[str]) -> list[dict]:
         model, meta = load_student(args.model)
     except Exception as e:  # anything torch.load or load_state_dict raises means the same thing here
         fail(f"{args.model}: not a light-weight-vlm student file ({type(e).__name__})")
+    if "vocab" not in meta:
+        fail(f"{args.model}: written by an older light-weight-vlm, before the student had its own vocabulary; "
+             f"train it again")
+    images = torch.stack([read_image_or_fail(path, meta["image_size"]) for path in args.image])
     from transformers import AutoTokenizer
     tokenizer = load_pretrained(AutoTokenizer, args.tokenizer or meta["tokenizer"], "the model's tokenizer",
                                 "Pass --tokenizer with a local copy of it.")
     texts = args.text * len(args.image) if len(args.text) == 1 else args.text or [""] * len(args.image)
     ids, mask = tokenize(tokenizer, texts, meta["max_tokens"], meta["vocab"])
-    images = torch.stack([read_image_or_fail(path, meta["image_size"]) for path in args.image])
     logits = predict(model, dict(images=images, ids=ids, mask=mask), torch.device("cpu"))
     rows = []
     for i, path in enumerate(args.image):
@@ -1280,7 +1283,6 @@ def main(argv: list[str] | None = None) -> dict | list[dict]:
     try:
         return run(cfg, argv)
     except KeyboardInterrupt:
-        import shlex
         checkpoint = Path(cfg.RESULTS_DIR) / "checkpoint.pt"
         resume = shlex.join(["python", "light-weight-vlm.py", *[a for a in argv if a != "--resume"], "--resume"])
         print(f"\ninterrupted. Finished stages are kept (caches in {cfg.CACHE_DIR}/" +
