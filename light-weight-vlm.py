@@ -22,6 +22,7 @@ import argparse
 import ast
 import copy
 import csv
+import dataclasses
 import hashlib
 import json
 import math
@@ -99,7 +100,10 @@ PRUNE_FINETUNE_EPOCHS = 2  # recovery fine-tune with the masks applied; dev pick
 PRUNE_LR = 2e-4
 CALIBRATION_IMAGES = 256  # train images whose activations set the int8 ranges of the convolutions
 # system
-DEVICE = "auto"  # auto: cuda when available, else cpu
+DEVICE = "auto"  # auto: cuda when available, else cpu; or cpu, cuda, cuda:N
+AMP_DTYPE = "auto"  # autocast dtype of the teacher pass and of training (evaluation is always fp32). auto: bf16 on a
+# GPU that runs it natively (compute capability >= 8.0), fp16 with loss scaling on older GPUs, fp32 on the CPU;
+# or force one of "bf16", "fp16", "fp32" (fp32: no autocast)
 SEED = 1337
 # --demo replaces these: synthetic data in the MedPix layout and tiny teachers built from config
 DEMO = dict(
@@ -119,6 +123,7 @@ TASKS = ("modality", "location")
 REQUIRED_FIELDS = ("image", "Type", "U_id", "Location Category")
 MEDPIX_URL = "https://github.com/CHILab1/MedPix-2.0"
 NORM_MEAN, NORM_STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+AMP_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
 def fail(message: str) -> None:
@@ -175,7 +180,43 @@ def config_ranges(cfg: dict) -> list[tuple[str, bool, str]]:
             [(k, cfg[k] >= 0, ">= 0") for k in counts] + [(k, 0 <= cfg[k] < 1, "in [0, 1)") for k in
                                                            ("PRUNE_AMOUNT", "EMA_DECAY")] + [
              ("CNN_CHANNELS", len(channels) > 0 and all(isinstance(c, int) and c > 0 for c in channels),
-              "a tuple of positive widths")])
+              "a tuple of positive widths"), ("AMP_DTYPE", cfg["AMP_DTYPE"] in AMP_DTYPES, "one of " + ", ".join(AMP_DTYPES))])
+
+
+def resolve_device(name: str) -> torch.device:
+    """DEVICE as a torch.device; a device this machine lacks stops the run with one line."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        fail(f"DEVICE={name!r} is not a device: use auto, cpu, cuda or cuda:N")
+    if device.type not in ("cpu", "cuda"):
+        fail(f"DEVICE={name!r}: only cpu and cuda are supported")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail(f"DEVICE={name!r}, but CUDA is not available here (torch {torch.__version__}); use --DEVICE cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        fail(f"DEVICE={name!r}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
+    """AMP_DTYPE as the autocast dtype, decided once per run; None means fp32 without autocast. bf16 is chosen
+    only where the GPU runs it natively (torch.cuda.is_bf16_supported() also counts emulation, which would
+    send a T4 or V100 down a slow bf16 path without loss scaling)."""
+    if name != "auto":
+        return AMP_DTYPES[name]
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+
+
+def amp_name(amp: torch.dtype | None) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[amp]
+
+
+def autocast(device: torch.device, amp: torch.dtype | None):
+    return torch.autocast(device.type, dtype=amp) if amp else nullcontext()
 
 
 # -----------------------------------------------------------------------------
@@ -353,29 +394,48 @@ def decode_image(path: str, size: int) -> torch.Tensor:
 
 
 def load_images(samples: list[dict], size: int, cache_dir: Path, skipped: Counter) -> dict[str, torch.Tensor]:
-    """Decode every PNG once; the store is keyed by each file's bytes and by the image size."""
+    """Decode every PNG once; the store is keyed by each file's bytes and by the image size. Sets each
+    sample's 'image_key' (None for an image that cannot be read, which is skipped and counted)."""
     for s in samples:
         try:
             s["image_key"] = sha256(Path(s["image"]).read_bytes())
         except OSError as e:
             s["image_key"] = None
             warn_skip(skipped, "image unreadable", f"{s['image']}: {e.strerror or e}")
-    paths = {s["image_key"]: s["image"] for s in samples if s["image_key"]}
+    store = decoded_images({s["image_key"]: s["image"] for s in samples if s["image_key"]}, size, cache_dir, skipped)
+    for s in samples:
+        if s["image_key"] not in store:
+            s["image_key"] = None
+    return store
 
+
+def decoded_images(paths: dict[str, str], size: int, cache_dir: Path, skipped: Counter) -> dict[str, torch.Tensor]:
+    """The images at paths (keyed by their content), decoded at size x size, from the cache or decoded now."""
     def compute(keys):
         decoded = {}
-        for key in tqdm(keys, desc="decoding images", leave=False):
+        for key in tqdm(keys, desc=f"decoding images at {size} px", leave=False):
             try:
                 decoded[key] = decode_image(paths[key], size)
             except IMAGE_ERRORS as e:
                 warn_skip(skipped, "image unreadable", f"{paths[key]}: {e}")
         return decoded
+    return cached(cache_dir / f"images-{settings_key(size=size, resize='antialias-v1')}.pt", list(paths), compute)
 
-    store = cached(cache_dir / f"images-{settings_key(size=size, resize='antialias-v1')}.pt", list(paths), compute)
-    for s in samples:
-        if s["image_key"] not in store:
-            s["image_key"] = None
-    return store
+
+@dataclasses.dataclass
+class Split:
+    """One split's tensors, row i for sample i: what the student reads, the labels, and what the teacher made."""
+    images: torch.Tensor  # uint8, N x 3 x IMAGE_SIZE x IMAGE_SIZE
+    ids: torch.Tensor  # the student's token ids, N x MAX_TOKENS
+    mask: torch.Tensor  # 1 for a real token, 0 for padding
+    labels: tuple[torch.Tensor, ...] = ()  # class index per task (TASKS order)
+    teacher: tuple[torch.Tensor, ...] = ()  # the teacher's logits per task
+    features: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # teacher backbone features per tower
+
+    def to(self, device: torch.device) -> "Split":
+        return Split(self.images.to(device), self.ids.to(device), self.mask.to(device),
+                     tuple(t.to(device) for t in self.labels), tuple(t.to(device) for t in self.teacher),
+                     {tower: f.to(device) for tower, f in self.features.items()})
 
 
 # -----------------------------------------------------------------------------
@@ -415,22 +475,22 @@ def load_teacher(cfg) -> dict:
     return teacher
 
 
-def autocast(device: torch.device):
-    if device.type != "cuda":
-        return nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+def teacher_image_size(processor) -> int:
+    """The side of the square a CLIP vision tower reads (its processor's center crop, 224 for ViT-B/32)."""
+    return int(processor.crop_size["height"])
 
 
-def image_features(clip, processor, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+def image_features(clip, processor, images: torch.Tensor, device: torch.device, amp: torch.dtype | None) -> torch.Tensor:
     pixels = processor(images=list(images), return_tensors="pt")["pixel_values"].to(device)
-    with torch.no_grad(), autocast(device):
+    with torch.no_grad(), autocast(device, amp):
         out = clip.get_image_features(pixel_values=pixels)
     return (out if torch.is_tensor(out) else out.pooler_output).float().cpu()  # transformers 5: an output object
 
 
-def text_features(model, tokenizer, texts: list[str], max_tokens: int, device: torch.device) -> torch.Tensor:
+def text_features(model, tokenizer, texts: list[str], max_tokens: int, device: torch.device,
+                  amp: torch.dtype | None) -> torch.Tensor:
     batch = tokenizer(texts, max_length=max_tokens, truncation=True, padding=True, return_tensors="pt").to(device)
-    with torch.no_grad(), autocast(device):
+    with torch.no_grad(), autocast(device, amp):
         hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     mask = batch["attention_mask"][..., None].float()
     return ((hidden.float() * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu()  # mean over real tokens
@@ -445,24 +505,30 @@ def batched_features(keys: list[str], inputs: dict, extract: Callable, batch_siz
     return out
 
 
-def teacher_features(samples: list[dict], images: dict, teacher: dict, cfg, device: torch.device) -> dict:
+def teacher_features(samples: list[dict], teacher: dict, cfg, device: torch.device, amp: torch.dtype | None) -> dict:
     """Frozen backbone features per sample and tower ('image', 'text'), computed once and cached by
-    content and teacher."""
+    content, teacher, and the device type and precision that computed them. The vision tower reads
+    its own decode of each image at its processor's size (224 px for CLIP), not the student's smaller copy."""
     cache_dir = Path(cfg.CACHE_DIR)
+    precision = f"{device.type}-{amp_name(amp)}"
     parts = {}
     if "clip" in teacher:
-        clip = teacher["clip"].to(device)
-        key = settings_key(model=model_identity(cfg.VISION_TEACHER), size=cfg.IMAGE_SIZE, pooling="clip-projection")
-        store = cached(cache_dir / f"vision-{key}.pt", [s["image_key"] for s in samples], lambda keys: batched_features(
-            keys, images, lambda x: image_features(clip, teacher["processor"], torch.stack(x), device),
-            cfg.TEACHER_BATCH_SIZE, "vision teacher"))
+        clip, processor = teacher["clip"].to(device), teacher["processor"]
+        size, paths = teacher_image_size(processor), {s["image_key"]: s["image"] for s in samples}
+        key = settings_key(model=model_identity(cfg.VISION_TEACHER), size=size, pooling="clip-projection",
+                           precision=precision)
+        store = cached(cache_dir / f"vision-{key}.pt", list(paths), lambda keys: batched_features(
+            keys, decoded_images({k: paths[k] for k in keys}, size, cache_dir, Counter()),
+            lambda x: image_features(clip, processor, torch.stack(x), device, amp), cfg.TEACHER_BATCH_SIZE,
+            "vision teacher"))
         parts["image"] = torch.stack([store[s["image_key"]] for s in samples])
     if "text" in teacher:
         model = teacher["text"].to(device)
         texts = {sha256(s["text"]): s["text"] for s in samples}
-        key = settings_key(model=model_identity(cfg.TEXT_TEACHER), max_tokens=cfg.MAX_TOKENS, pooling="mean")
+        key = settings_key(model=model_identity(cfg.TEXT_TEACHER), max_tokens=cfg.MAX_TOKENS, pooling="mean",
+                           precision=precision)
         store = cached(cache_dir / f"text-{key}.pt", list(texts), lambda keys: batched_features(
-            keys, texts, lambda x: text_features(model, teacher["tokenizer"], x, cfg.MAX_TOKENS, device),
+            keys, texts, lambda x: text_features(model, teacher["tokenizer"], x, cfg.MAX_TOKENS, device, amp),
             cfg.TEACHER_BATCH_SIZE, "text teacher"))
         parts["text"] = torch.stack([store[sha256(s["text"])] for s in samples])
     return parts
@@ -531,17 +597,24 @@ class Student(nn.Module):
         self.modality_head = nn.Linear(fusion_dim, n_modality)
         self.location_head = nn.Linear(fusion_dim, n_location)
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Mean of the LSTM outputs over the real tokens only; zero for an empty text."""
-        lengths = attention_mask.sum(1)
-        packed = pack_padded_sequence(self.embedding(input_ids), lengths.clamp(min=1).cpu(), batch_first=True,
-                                      enforce_sorted=False)
-        out, _ = pad_packed_sequence(self.lstm(packed)[0], batch_first=True, total_length=input_ids.shape[1])
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean of the LSTM outputs over the real tokens only; zero for an empty text. The LSTM runs in fp32
+        under any autocast (it is tiny, and cuDNN would run it in fp16 whatever the autocast dtype). lengths:
+        attention_mask.sum(1) on the CPU in decreasing order, where the caller has it so (training sorts each
+        batch): packing needs the lengths on the CPU, and fetching them from the GPU would stall every step."""
+        ordered = lengths is not None
+        lengths = lengths if ordered else attention_mask.sum(1).cpu()
+        with torch.autocast(input_ids.device.type, enabled=False):
+            packed = pack_padded_sequence(self.embedding(input_ids).float(), lengths.clamp(min=1), batch_first=True,
+                                          enforce_sorted=ordered)
+            out, _ = pad_packed_sequence(self.lstm(packed)[0], batch_first=True, total_length=input_ids.shape[1])
         mask = attention_mask[..., None].to(out.dtype)
-        return (out * mask).sum(1) / lengths.clamp(min=1)[:, None].to(out.dtype)
+        return (out * mask).sum(1) / mask.sum(1).clamp(min=1)
 
-    def embed(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
-        return dict(image=self.cnn(images), text=self.encode_text(input_ids, attention_mask))
+    def embed(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              lengths: torch.Tensor | None = None) -> dict:
+        return dict(image=self.cnn(images), text=self.encode_text(input_ids, attention_mask, lengths))
 
     def classify(self, vectors: dict) -> tuple[torch.Tensor, torch.Tensor]:
         fused = self.fusion(torch.cat([vectors["image"], vectors["text"]], dim=1))
@@ -561,7 +634,7 @@ def pca_embedding(teacher_embedding: torch.Tensor, dim: int) -> torch.Tensor:
     """The teacher's token-embedding matrix reduced to the student's width, scaled to unit variance."""
     if dim > min(teacher_embedding.shape):
         fail(f"EMBED_DIM={dim} is larger than the teacher's embedding matrix allows ({tuple(teacher_embedding.shape)})")
-    reduced = PCA(n_components=dim, random_state=0).fit_transform(teacher_embedding.detach().float().numpy())
+    reduced = PCA(n_components=dim, random_state=0).fit_transform(teacher_embedding.detach().float().cpu().numpy())
     return torch.from_numpy(reduced / reduced.std()).float()
 
 
@@ -599,6 +672,7 @@ def tokenize(tokenizer, texts: list[str], max_tokens: int, vocab: list[int]) -> 
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images to the student's input: [0, 1], then standardised by NORM_MEAN and NORM_STD."""
     return v2.functional.normalize(images.float() / 255, NORM_MEAN, NORM_STD)
 
 
@@ -624,8 +698,8 @@ def feature_loss(student_vectors: dict, teacher_vectors: dict, adapters: nn.Modu
     losses = []
     for tower, adapter in adapters.items():
         distance = 1 - F.cosine_similarity(adapter(student_vectors[tower].float()), teacher_vectors[tower], dim=1)
-        keep = has_text if tower == "text" else torch.ones_like(has_text)
-        losses.append(distance[keep].mean() if keep.any() else distance.sum() * 0)
+        keep = (has_text if tower == "text" else torch.ones_like(has_text)).float()
+        losses.append((distance * keep).sum() / keep.sum().clamp(min=1))  # no host sync: no boolean indexing
     return sum(losses)
 
 
@@ -638,62 +712,100 @@ def feature_adapters(student: Student, features: dict) -> nn.ModuleDict:
 # training
 
 
-def augmenter(size: int) -> v2.Compose:
-    return v2.Compose([v2.RandomResizedCrop(size, scale=(0.75, 1.0), ratio=(0.9, 1.1), antialias=True),
-                       v2.RandomHorizontalFlip(), v2.RandomRotation(10), v2.ColorJitter(0.2, 0.2)])
+AUGMENT_DRAWS = 8  # uniform numbers per sample and epoch that augment_images turns into one augmentation
 
 
-def train_epoch(student: nn.Module, data: dict, optimizer, scheduler, scaler, cfg, device: torch.device,
-                generator: torch.Generator, adapters: nn.ModuleDict | None = None, ema=None) -> float:
-    """One pass over the train split; returns the mean loss per batch. With adapters, the feature-level
-    distillation term is added; with ema, the averaged model follows every optimizer step."""
+def augment_images(images: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """A whole uint8 batch augmented at once on its own device, normalised: per image a random crop of 75-100 %
+    of the area (aspect 0.9-1.1) resized back, a rotation of up to 10 degrees, a horizontal flip half of the
+    time (one affine_grid / grid_sample), then brightness and contrast within 20 %. u: N x AUGMENT_DRAWS
+    uniform numbers in [0, 1) that fix every choice."""
+    area, aspect = 0.75 + 0.25 * u[:, 0], torch.exp(math.log(0.9) + math.log(1.1 / 0.9) * u[:, 1])
+    width, height = (area * aspect).sqrt().clamp(max=1), (area / aspect).sqrt().clamp(max=1)  # of the crop, as fractions
+    shift_x, shift_y = (1 - width) * (2 * u[:, 2] - 1), (1 - height) * (2 * u[:, 3] - 1)
+    angle = math.radians(10) * (2 * u[:, 4] - 1)
+    flip = torch.where(u[:, 5] < 0.5, -1.0, 1.0)
+    cos, sin = angle.cos(), angle.sin()
+    theta = torch.stack([torch.stack([width * flip * cos, -height * sin, shift_x], 1),
+                         torch.stack([width * flip * sin, height * cos, shift_y], 1)], 1)  # output -> input coordinates
+    x = images.float() / 255
+    x = F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), align_corners=False)
+    x = (x * (0.8 + 0.4 * u[:, 6, None, None, None])).clamp(0, 1)  # brightness
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = ((x - mean) * (0.8 + 0.4 * u[:, 7, None, None, None]) + mean).clamp(0, 1)  # contrast
+    return v2.functional.normalize(x, NORM_MEAN, NORM_STD)
+
+
+def epoch_plan(data: Split, batch_size: int, text_dropout: float, generator: torch.Generator) -> dict:
+    """Every random choice of one epoch, drawn at once on the CPU: the sample order (each batch sorted by text
+    length, as packing wants it), which samples lose their whole text, and the augmentation draws."""
+    lengths = data.mask.sum(1).cpu()
+    order = torch.randperm(len(lengths), generator=generator)
+    keep_text = torch.rand(len(order), generator=generator) >= text_dropout
+    lengths = lengths[order] * keep_text
+    by_length = torch.cat([chunk.sort(descending=True, stable=True).indices + start
+                           for start, chunk in zip(range(0, len(order), batch_size), lengths.split(batch_size))])
+    draws = torch.rand(len(order), AUGMENT_DRAWS, generator=generator)
+    return dict(order=order[by_length], keep_text=keep_text[by_length], lengths=lengths[by_length], draws=draws)
+
+
+def train_epoch(student: nn.Module, data: Split, optimizer, scheduler, scaler, cfg, device: torch.device,
+                amp: torch.dtype | None, generator: torch.Generator, adapters: nn.ModuleDict | None = None,
+                ema: "MovingAverage | None" = None) -> float:
+    """One pass over the train split, whose tensors are on device; returns the mean loss per batch. With
+    adapters, the feature-level distillation term is added; with ema, the averaged model follows every
+    optimizer step. Nothing inside the loop waits for the GPU (but fp16's loss scaler, which must read its
+    overflow check), so the host queues work ahead."""
     student.train()
-    augment = augmenter(cfg.IMAGE_SIZE)
-    order = torch.randperm(len(data["labels"][0]), generator=generator)
-    batches = order.split(cfg.BATCH_SIZE)
-    total = 0.0
+    plan = epoch_plan(data, cfg.BATCH_SIZE, cfg.TEXT_DROPOUT, generator)
+    order, keep_text, draws = (plan[k].to(device) for k in ("order", "keep_text", "draws"))
+    starts = range(0, len(order), cfg.BATCH_SIZE)
+    total = torch.zeros((), device=device)
     optimizer.zero_grad(set_to_none=True)
-    for step, idx in enumerate(tqdm(batches, desc="train", leave=False), 1):
-        images = normalize(torch.stack([augment(data["images"][i]) for i in idx])).to(device)
-        mask = data["mask"][idx].clone()
-        mask[torch.rand(len(idx), generator=generator) < cfg.TEXT_DROPOUT] = 0  # whole-text dropout
-        mask = mask.to(device)
-        targets = [(t[idx].to(device), y[idx].to(device)) for t, y in zip(data["teacher"], data["labels"])]
+    for step, start in enumerate(tqdm(starts, desc="train", leave=False), 1):
+        batch = slice(start, start + cfg.BATCH_SIZE)
+        idx = order[batch]
+        images = augment_images(data.images[idx], draws[batch])
+        mask = data.mask[idx] * keep_text[batch, None]  # whole-text dropout
+        targets = [(t[idx], y[idx]) for t, y in zip(data.teacher, data.labels)]
         task_loss = lambda logits: sum(distillation_loss(lg, t, y, cfg.KD_ALPHA, cfg.KD_TEMPERATURE, cfg.LABEL_SMOOTHING)
                                        for lg, (t, y) in zip(logits, targets))
-        with autocast(device):
-            vectors = student.embed(images, data["ids"][idx].to(device), mask)
+        with autocast(device, amp):
+            vectors = student.embed(images, data.ids[idx], mask, plan["lengths"][batch])
             loss = task_loss(student.classify(vectors))
             if cfg.IMAGE_ONLY_LOSS > 0:
                 image_only = student.classify(dict(vectors, text=torch.zeros_like(vectors["text"])))
                 loss = loss + cfg.IMAGE_ONLY_LOSS * task_loss(image_only)
         if adapters is not None and cfg.FEATURE_KD > 0:
-            teacher_vectors = {tower: f[idx].to(device) for tower, f in data["features"].items()}
+            teacher_vectors = {tower: f[idx] for tower, f in data.features.items()}
             loss = loss + cfg.FEATURE_KD * feature_loss(vectors, teacher_vectors, adapters, mask.sum(1) > 0)
         scaler.scale(loss / cfg.GRAD_ACCUM_STEPS).backward()
-        if step % cfg.GRAD_ACCUM_STEPS == 0 or step == len(batches):
+        if step % cfg.GRAD_ACCUM_STEPS == 0 or step == len(starts):
             scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], cfg.GRAD_CLIP)
-            scaler.step(optimizer)
+            scale = scaler.get_scale() if scaler.is_enabled() else 1.0
+            scaler.step(optimizer)  # skipped by an fp16 scaler that found inf or NaN gradients ...
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            if scheduler is not None:
-                scheduler.step()
-            if ema is not None:
-                ema.update_parameters(student)
-        total += loss.item()
-    return total / len(batches)
+            if not scaler.is_enabled() or scaler.get_scale() >= scale:  # ... and then the schedule and EMA wait too
+                if scheduler is not None:
+                    scheduler.step()
+                if ema is not None:
+                    ema.update(student)
+        total += loss.detach()
+    return total.item() / len(starts)
 
 
 @torch.no_grad()
-def predict(model: nn.Module, data: dict, device: torch.device, batch_size: int = 64,
+def predict(model: nn.Module, data: Split, device: torch.device, batch_size: int = 64,
             with_text: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits per task on the CPU, computed in fp32 (no autocast): what dev chooses on and what is reported
+    is what the saved fp32 model computes."""
     model.eval()
     outputs = []
-    for idx in torch.arange(len(data["images"])).split(batch_size):
-        mask = data["mask"][idx] if with_text else torch.zeros_like(data["mask"][idx])
-        with autocast(device):
-            logits = model(normalize(data["images"][idx].to(device)), data["ids"][idx].to(device), mask.to(device))
+    for idx in torch.arange(len(data.images)).split(batch_size):
+        mask = data.mask[idx] if with_text else torch.zeros_like(data.mask[idx])
+        logits = model(normalize(data.images[idx].to(device)), data.ids[idx].to(device), mask.to(device))
         outputs.append([lg.float().cpu() for lg in logits])
     return tuple(torch.cat(parts) for parts in zip(*outputs))
 
@@ -719,41 +831,59 @@ def selection_score(logits: tuple, labels: tuple) -> float:
     return mean_f1([task_metrics(y, lg.argmax(1)) for lg, y in zip(logits, labels)])
 
 
-def dev_check(model: nn.Module, data: dict, device: torch.device) -> dict:
+def dev_check(model: nn.Module, data: dict[str, Split], device: torch.device) -> dict:
     """A model's dev accuracy per task, selection score and predicted labels."""
-    logits, labels = predict(model, data["dev"], device), data["dev"]["labels"]
+    logits, labels = predict(model, data["dev"], device), [y.cpu() for y in data["dev"].labels]
     return {f"{task}_acc": round(float(accuracy_score(y, lg.argmax(1))), 4) for task, lg, y in zip(TASKS, logits, labels)
             } | dict(score=round(selection_score(logits, labels), 4), predicted=[lg.argmax(1) for lg in logits])
 
 
-def evaluate_logits(logits: tuple, data: dict, names: dict) -> dict[str, dict]:
-    return {task: task_metrics(y, lg.argmax(1), len(names[task]))
-            for task, lg, y in zip(TASKS, logits, data["labels"])}
+def evaluate_logits(logits: tuple, data: Split, names: dict) -> dict[str, dict]:
+    return {task: task_metrics(y.cpu(), lg.argmax(1), len(names[task]))
+            for task, lg, y in zip(TASKS, logits, data.labels)}
 
 
 def confusion_rows(confusion: list[list[int]], names: list[str]) -> list[list]:
     return [["true \\ predicted", *names]] + [[name, *row] for name, row in zip(names, confusion)]
 
 
+def on_cpu(obj):
+    """obj (nested dicts, lists and tuples) with every tensor moved to the CPU, so that a saved file loads anywhere."""
+    if torch.is_tensor(obj):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        moved = copy.copy(obj)  # a state_dict keeps its _metadata (the layer versions that loading reads)
+        moved.update((k, on_cpu(v)) for k, v in obj.items())
+        return moved
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(on_cpu(v) for v in obj)
+    return obj
+
+
 def save_student(path: Path, student: nn.Module, meta: dict) -> None:
-    atomic_write(path, lambda tmp: torch.save({**meta, "state_dict": student.state_dict()}, tmp))
+    atomic_write(path, lambda tmp: torch.save({**meta, "state_dict": on_cpu(student.state_dict())}, tmp))
 
 
-def checkpoint_settings(cfg, meta: dict) -> dict:
-    """What a checkpoint must have been trained with to be resumed: every constant, and the data."""
-    return {key: getattr(cfg, key) for key in CONFIG_KEYS} | dict(data=meta["data"])
+def checkpoint_settings(cfg, meta: dict, device: torch.device, amp: torch.dtype | None) -> dict:
+    """What a checkpoint must have been trained with to be resumed: every constant, the data, and the device
+    type and precision it actually ran with (DEVICE and AMP_DTYPE may say 'auto')."""
+    return {key: getattr(cfg, key) for key in CONFIG_KEYS if key not in ("DEVICE", "AMP_DTYPE")} | dict(
+        data=meta["data"], device=device.type, precision=amp_name(amp))
 
 
-def save_checkpoint(path: Path, parts: dict, generator: torch.Generator, progress: dict, settings: dict) -> None:
-    """Everything the next epoch depends on: every part's state, every random generator, the log so far."""
+def save_checkpoint(path: Path, parts: dict, generator: torch.Generator, progress: dict, settings: dict,
+                    device: torch.device) -> None:
+    """Everything the next epoch depends on: every part's state, every random generator, the log so far.
+    Tensors are saved on the CPU; of the GPUs, only the training device's generator is kept."""
     rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
-               generator=generator.get_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+               generator=generator.get_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
     checkpoint = {name: part.state_dict() for name, part in parts.items()} | dict(
         progress=progress, rng=rng, settings=settings)
-    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+    atomic_write(path, lambda tmp: torch.save(on_cpu(checkpoint), tmp))
 
 
-def load_checkpoint(path: Path, parts: dict, generator: torch.Generator, settings: dict) -> dict | None:
+def load_checkpoint(path: Path, parts: dict, generator: torch.Generator, settings: dict,
+                    device: torch.device) -> dict | None:
     """Restore what save_checkpoint wrote, in place, and return the progress; None when there is none."""
     if not path.exists():
         print(f"resume: no checkpoint at {path}, training from the first epoch")
@@ -765,8 +895,10 @@ def load_checkpoint(path: Path, parts: dict, generator: torch.Generator, setting
     changed = sorted(k for k in settings.keys() | checkpoint["settings"].keys()
                      if settings.get(k) != checkpoint["settings"].get(k))
     if changed:
-        fail(f"{path} was written with other settings ({', '.join(changed)}); resume with the same command, "
-             f"or delete it to train from the first epoch")
+        was = "; ".join(f"{k} {checkpoint['settings'].get(k)!r} there, {settings.get(k)!r} now"
+                        for k in changed if k in ("device", "precision"))
+        fail(f"{path} was written with other settings ({', '.join(changed)}){': ' + was if was else ''}; resume "
+             f"with the same command on the same kind of device, or delete it to train from the first epoch")
     for name, part in parts.items():
         part.load_state_dict(checkpoint[name])
     rng = checkpoint["rng"]
@@ -774,29 +906,29 @@ def load_checkpoint(path: Path, parts: dict, generator: torch.Generator, setting
     np.random.set_state(rng["numpy"])
     torch.set_rng_state(rng["torch"])
     generator.set_state(rng["generator"])
-    if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    if rng["cuda"] is not None:  # the settings match, so this run is on a GPU too
+        torch.cuda.set_rng_state(rng["cuda"], device)
     progress = checkpoint["progress"]
     print(f"resumed from {path}: {progress['epoch']} of {settings['EPOCHS']} epochs done, "
           f"best so far epoch {progress['best']['epoch']}")
     return progress
 
 
-def train_student(student: nn.Module, data: dict, cfg, names: dict, meta: dict, device: torch.device) -> dict:
+def train_student(student: nn.Module, data: dict[str, Split], cfg, names: dict, meta: dict, device: torch.device,
+                  amp: torch.dtype | None) -> dict:
     """Distil for EPOCHS epochs, log each one, keep the checkpoint with the best dev mean macro-F1;
     return its score and epoch, and the log's rows. The state at the end of every epoch is saved to
     RESULTS_DIR/checkpoint.pt, from which --resume continues as if never stopped."""
     from transformers import get_cosine_schedule_with_warmup
     log_dir, results = Path(cfg.LOG_DIR), Path(cfg.RESULTS_DIR)
-    adapters = feature_adapters(student, data["train"]["features"]).to(device)
-    optimizer = torch.optim.AdamW([*student.parameters(), *adapters.parameters()], lr=cfg.LR,
-                                  weight_decay=cfg.WEIGHT_DECAY)
-    ema = moving_average(student, cfg.EMA_DECAY)
+    adapters = feature_adapters(student, data["train"].features).to(device)
+    optimizer = adamw([*student.parameters(), *adapters.parameters()], cfg.LR, cfg.WEIGHT_DECAY, device)
+    ema = MovingAverage(student, cfg.EMA_DECAY) if cfg.EMA_DECAY > 0 else None
     evaluated = ema.module if ema else student
-    steps_per_epoch = math.ceil(math.ceil(len(data["train"]["labels"][0]) / cfg.BATCH_SIZE) / cfg.GRAD_ACCUM_STEPS)
+    steps_per_epoch = math.ceil(math.ceil(len(data["train"].images) / cfg.BATCH_SIZE) / cfg.GRAD_ACCUM_STEPS)
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.WARMUP_EPOCHS * steps_per_epoch,
                                                 cfg.EPOCHS * steps_per_epoch)
-    scaler = grad_scaler(device)
+    scaler = grad_scaler(device, amp)
     generator = torch.Generator().manual_seed(cfg.SEED)
     header = ["epoch", "train_loss", "val_modality_acc", "val_location_acc", "modality_precision", "modality_recall",
               "modality_f1", "location_precision", "location_recall", "location_f1", "lr", "embedding_frozen",
@@ -804,8 +936,8 @@ def train_student(student: nn.Module, data: dict, cfg, names: dict, meta: dict, 
     parts = dict(student=student, adapters=adapters, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
     if ema:
         parts["ema"] = ema
-    checkpoint, settings = results / "checkpoint.pt", checkpoint_settings(cfg, meta)
-    progress = (cfg.resume and load_checkpoint(checkpoint, parts, generator, settings)) or dict(
+    checkpoint, settings = results / "checkpoint.pt", checkpoint_settings(cfg, meta, device, amp)
+    progress = (cfg.resume and load_checkpoint(checkpoint, parts, generator, settings, device)) or dict(
         epoch=0, rows=[header], best=dict(score=-1.0, epoch=0))
     rows, best = progress["rows"], progress["best"]
     for epoch in range(progress["epoch"] + 1, cfg.EPOCHS + 1):
@@ -814,7 +946,8 @@ def train_student(student: nn.Module, data: dict, cfg, names: dict, meta: dict, 
         if student.embedding.weight.requires_grad == frozen:
             set_embedding_frozen(student, frozen)
             tqdm.write(f"epoch {epoch}: token embedding {'frozen' if frozen else 'unfrozen'}")
-        loss = train_epoch(student, data["train"], optimizer, scheduler, scaler, cfg, device, generator, adapters, ema)
+        loss = train_epoch(student, data["train"], optimizer, scheduler, scaler, cfg, device, amp, generator, adapters,
+                           ema)
         lr = optimizer.param_groups[0]["lr"]  # where the schedule stands at the end of the epoch
         dev = evaluate_logits(predict(evaluated, data["dev"], device), data["dev"], names)
         m, loc = dev["modality"], dev["location"]
@@ -830,31 +963,51 @@ def train_student(student: nn.Module, data: dict, cfg, names: dict, meta: dict, 
             best = dict(score=score, epoch=epoch)
             save_student(results / "lightweight_vlm.pth", evaluated, meta)
             marker = " (best, saved)"
-        save_checkpoint(checkpoint, parts, generator, dict(epoch=epoch, rows=rows, best=best), settings)
+        save_checkpoint(checkpoint, parts, generator, dict(epoch=epoch, rows=rows, best=best), settings, device)
         tqdm.write(f"epoch {epoch:3d} | loss {loss:.4f} | dev modality acc {m['acc']:.3f} f1 {m['f1']:.3f} | "
                    f"location acc {loc['acc']:.3f} f1 {loc['f1']:.3f} | {time.time() - start:.1f}s{marker}")
     return best | dict(log=rows)
 
 
-def moving_average(model: nn.Module, decay: float):
-    """A copy of the model that follows its weights (and BatchNorm statistics) by EMA; None when decay is 0."""
-    from torch.optim.swa_utils import AveragedModel
-    return AveragedModel(model, avg_fn=ema_update(decay), use_buffers=True) if decay > 0 else None
+class MovingAverage:
+    """A copy of a model whose weights and BatchNorm statistics follow the model's by an exponential moving
+    average, with a decay that ramps up over the first steps so that a short run's average is not dominated
+    by the initial weights. (torch.optim.swa_utils.AveragedModel keeps its step count in a tensor and reads it
+    back on every update, a host sync per step on a GPU; here the count is a plain int.)"""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.module, self.decay, self.steps = copy.deepcopy(model).requires_grad_(False), decay, 0
+        self.module.lstm.flatten_parameters()  # a deep copy's cuDNN LSTM weights are no longer one block
+
+    def decay_at(self, steps: int) -> float:
+        return min(self.decay, (1 + steps) / (10 + steps))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        pairs = list(zip(self.module.state_dict().values(), model.state_dict().values()))
+        floats = [(a, b) for a, b in pairs if a.is_floating_point()]
+        torch._foreach_lerp_([a for a, _ in floats], [b for _, b in floats], 1 - self.decay_at(self.steps))
+        for a, b in pairs:
+            if not a.is_floating_point():  # BatchNorm's batch counters
+                a.copy_(b)
+        self.steps += 1
+
+    def state_dict(self) -> dict:
+        return dict(module=self.module.state_dict(), steps=self.steps)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["module"])
+        self.steps = state["steps"]
 
 
-def ema_update(decay: float) -> Callable:
-    """Exponential moving average whose decay ramps up over the first steps, so that a short run's
-    average is not dominated by the initial weights."""
-    def update(averaged: torch.Tensor, current: torch.Tensor, n_averaged: torch.Tensor) -> torch.Tensor:
-        d = min(decay, (1 + float(n_averaged)) / (10 + float(n_averaged)))
-        return d * averaged + (1 - d) * current
-    return update
+def adamw(parameters: list, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; on a GPU its fused kernel, a few launches per step instead of several per parameter."""
+    return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=device.type == "cuda")
 
 
-def grad_scaler(device: torch.device) -> torch.amp.GradScaler:
-    """Loss scaling is needed only for fp16 autocast on CUDA; a disabled scaler is a pass-through."""
-    fp16 = device.type == "cuda" and not torch.cuda.is_bf16_supported()
-    return torch.amp.GradScaler("cuda", enabled=fp16)
+def grad_scaler(device: torch.device, amp: torch.dtype | None) -> torch.amp.GradScaler:
+    """Loss scaling is needed only under fp16 autocast; a disabled scaler is a pass-through."""
+    return torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
 
 
 # -----------------------------------------------------------------------------
@@ -927,7 +1080,8 @@ def load_student(path: str | Path) -> tuple[nn.Module, dict]:
 PRUNING_COLUMNS = ["stage", "epoch", "modality_acc", "location_acc", "score"]
 
 
-def compress(student: nn.Module, data: dict, cfg, meta: dict, device: torch.device) -> dict:
+def compress(student: nn.Module, data: dict[str, Split], cfg, meta: dict, device: torch.device,
+             amp: torch.dtype | None) -> dict:
     """Global L1 pruning and a short recovery fine-tune, with dev choosing the epoch (0: none); then
     permanent masks and int8, calibrated on train images. Logs each stage's dev accuracy to
     logs/pruning.csv; returns that report, the dev predictions before pruning and of the chosen
@@ -945,17 +1099,17 @@ def compress(student: nn.Module, data: dict, cfg, meta: dict, device: torch.devi
     before = check("float", 0)
     prune_global_l1(student, cfg.PRUNE_AMOUNT)
     set_embedding_frozen(student, False)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.PRUNE_LR, weight_decay=cfg.WEIGHT_DECAY)
-    generator = torch.Generator().manual_seed(cfg.SEED + 1)
+    optimizer = adamw(list(student.parameters()), cfg.PRUNE_LR, cfg.WEIGHT_DECAY, device)
+    scaler, generator = grad_scaler(device, amp), torch.Generator().manual_seed(cfg.SEED + 1)
     pruned = best = check("pruned", 0) | dict(epoch=0, state=copy.deepcopy(student.state_dict()))
     for epoch in range(1, cfg.PRUNE_FINETUNE_EPOCHS + 1):
-        train_epoch(student, data["train"], optimizer, None, grad_scaler(device), cfg, device, generator)
+        train_epoch(student, data["train"], optimizer, None, scaler, cfg, device, amp, generator)
         result = check("recovery", epoch)
         if result["score"] > best["score"]:
             best = result | dict(epoch=epoch, state=copy.deepcopy(student.state_dict()))
     student.load_state_dict(best["state"])
     make_pruning_permanent(student)
-    train_images = data["train"]["images"]
+    train_images = data["train"].images.cpu()
     calibration = train_images[torch.randperm(len(train_images), generator=generator)[:cfg.CALIBRATION_IMAGES]]
     path = Path(cfg.RESULTS_DIR) / "lightweight_vlm_int8.pt"
     save_student(path, quantize_int8(student, calibration), {**meta, "quantized": True})
@@ -973,7 +1127,7 @@ def summary(metrics: dict[str, dict]) -> dict:
     return {f"{task}_{k}": round(float(metrics[task][k]), 4) for task in TASKS for k in ("acc", "f1")}
 
 
-def evaluate_student(model: nn.Module, data: dict, names: dict, device: torch.device) -> dict:
+def evaluate_student(model: nn.Module, data: dict[str, Split], names: dict, device: torch.device) -> dict:
     """Full metrics per evaluated split and task, and again with the text removed (key 'image_only')."""
     return {split: evaluate_logits(predict(model, d, device), d, names) |
             {"image_only": evaluate_logits(predict(model, d, device, with_text=False), d, names)}
@@ -1082,7 +1236,7 @@ def write_report(path: Path, argv: list[str], cfg, data: dict, names: dict, metr
              "## Constants that differ from the defaults", ""]
     lines += markdown_table(["constant", "value", "default"], changed) if changed else ["none"]
     for task in TASKS:
-        counts = {split: Counter(d["labels"][TASKS.index(task)].tolist()) for split, d in data.items()}
+        counts = {split: Counter(d.labels[TASKS.index(task)].tolist()) for split, d in data.items()}
         lines += ["", f"## Data: {task}", ""] + markdown_table(
             ["split", *names[task], "total"],
             [[split, *(c[i] for i in range(len(names[task]))), sum(c.values())] for split, c in counts.items()])
@@ -1145,7 +1299,7 @@ def predict_images(argv: list[str]) -> list[dict]:
                                 "Pass --tokenizer with a local copy of it.")
     texts = args.text * len(args.image) if len(args.text) == 1 else args.text or [""] * len(args.image)
     ids, mask = tokenize(tokenizer, texts, meta["max_tokens"], meta["vocab"])
-    logits = predict(model, dict(images=images, ids=ids, mask=mask), torch.device("cpu"))
+    logits = predict(model, Split(images, ids, mask), torch.device("cpu"))
     rows = []
     for i, path in enumerate(args.image):
         row = dict(image=path, with_text=bool(texts[i].strip()))
@@ -1269,10 +1423,10 @@ def student_tokenizer(cfg, teacher: dict):
 
 
 def prepare_split(samples: list[dict], images: dict, tokenizer, vocab: list[int], names: dict, split: str,
-                  cfg) -> dict:
+                  cfg) -> Split:
     ids, mask = tokenize(tokenizer, [s["text"] for s in samples], cfg.MAX_TOKENS, vocab)
-    return dict(images=torch.stack([images[s["image_key"]] for s in samples]), ids=ids, mask=mask,
-                labels=tuple(encode_labels(samples, task, names[task], split) for task in TASKS))
+    return Split(torch.stack([images[s["image_key"]] for s in samples]), ids, mask,
+                 tuple(encode_labels(samples, task, names[task], split) for task in TASKS))
 
 
 def main(argv: list[str] | None = None) -> dict | list[dict]:
@@ -1297,7 +1451,9 @@ def run(cfg, argv: list[str]) -> dict:
     random.seed(cfg.SEED)
     np.random.seed(cfg.SEED)
     torch.manual_seed(cfg.SEED)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.DEVICE == "auto" else cfg.DEVICE)
+    device = resolve_device(cfg.DEVICE)
+    amp = resolve_amp(cfg.AMP_DTYPE, device)
+    torch.backends.cudnn.benchmark = True  # fixed image shapes: let cuDNN pick its fastest convolutions once
     root, cache_dir = Path(cfg.DATA_ROOT), Path(cfg.CACHE_DIR)
     if cfg.demo:
         make_demo_data(root, cfg.SEED)
@@ -1322,16 +1478,16 @@ def run(cfg, argv: list[str]) -> dict:
     # teacher
     teacher = load_teacher(cfg)
     teacher_params = sum(count_parameters(teacher[k]) for k in ("clip", "text") if k in teacher)
-    features = {split: teacher_features(samples, images, teacher, cfg, device) for split, samples in splits.items()}
+    features = {split: teacher_features(samples, teacher, cfg, device, amp) for split, samples in splits.items()}
     tokenizer = student_tokenizer(cfg, teacher)
     vocab = student_vocabulary(tokenizer, [s["text"] for s in splits["train"]], cfg.MAX_TOKENS)
     data = {split: prepare_split(samples, images, tokenizer, vocab, names, split, cfg)
             for split, samples in splits.items()}
     heads, teacher_logits = train_teacher_heads({s: torch.cat(list(f.values()), dim=1) for s, f in features.items()},
-                                                {s: d["labels"] for s, d in data.items()}, n_classes, cfg)
+                                                {s: d.labels for s, d in data.items()}, n_classes, cfg)
     teacher_params += count_parameters(heads)
-    for split in data:
-        data[split].update(teacher=teacher_logits[split], features=features[split])
+    data = {split: dataclasses.replace(d, teacher=teacher_logits[split], features=features[split]).to(device)
+            for split, d in data.items()}
     metrics = {"teacher": {s: summary(evaluate_logits(teacher_logits[s], data[s], names)) for s in data}}
     columns = list(metrics["teacher"]["dev"])
     write_csv(Path(cfg.LOG_DIR) / "teacher.csv", [["split", *columns]] +
@@ -1352,13 +1508,14 @@ def run(cfg, argv: list[str]) -> dict:
         print(f"student embedding: PCA of {cfg.TEXT_TEACHER}'s token embeddings to {cfg.EMBED_DIM} dims")
     del teacher
     student.to(device)
-    print(f"parameters: teacher {teacher_params:,} | student {count_parameters(student):,} | device {device}")
+    print(f"parameters: teacher {teacher_params:,} | student {count_parameters(student):,} | device {device}, "
+          f"{amp_name(amp)}")
     fingerprint = settings_key(**{split: [(s["image_key"], s["text"], s["modality"], s["location"]) for s in samples]
                                   for split, samples in splits.items()})
     meta = dict(student=kwargs, labels=names, tokenizer=tokenizer_name, vocab=vocab, data=fingerprint,
                 max_tokens=cfg.MAX_TOKENS, image_size=cfg.IMAGE_SIZE, normalization=(NORM_MEAN, NORM_STD),
                 quantized=False)
-    best = train_student(student, data, cfg, names, meta, device)
+    best = train_student(student, data, cfg, names, meta, device, amp)
     print(f"best dev mean macro-F1 {best['score']:.4f} at epoch {best['epoch']}")
     marks.append(("distillation", time.time()))
 
@@ -1366,7 +1523,7 @@ def run(cfg, argv: list[str]) -> dict:
     float_path = Path(cfg.RESULTS_DIR) / "lightweight_vlm.pth"
     student, _ = load_student(float_path)
     evaluation = evaluate_student(student.to(device), data, names, device)
-    compressed = compress(student.to(device), data, cfg, meta, device)
+    compressed = compress(student.to(device), data, cfg, meta, device, amp)
     int8, _ = load_student(compressed["path"])
     marks.append(("pruning and quantization", time.time()))
     metrics["student"] = student_summary(evaluation)
@@ -1382,7 +1539,8 @@ def run(cfg, argv: list[str]) -> dict:
     # reporting
     metrics.update(student_params=count_parameters(student), teacher_params=teacher_params,
                    student_file_bytes=float_path.stat().st_size, student_int8_file_bytes=compressed["path"].stat().st_size,
-                   best_epoch=best["epoch"], skipped=dict(skipped),
+                   best_epoch=best["epoch"], skipped=dict(skipped), precision=amp_name(amp),
+                   device=f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu",
                    seconds=round(time.time() - marks[0][1], 1))
     results = Path(cfg.RESULTS_DIR)
     write_json(results / "metrics.json", metrics)

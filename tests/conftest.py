@@ -22,12 +22,12 @@ def lvm():
 
 @pytest.fixture(scope="session")
 def demo_run(lvm, tmp_path_factory):
-    """One full `--demo` run with the default output folders, inside a fresh working directory."""
+    """One full `--demo` run on the CPU with the default output folders, inside a fresh working directory."""
     workdir = tmp_path_factory.mktemp("demo")
     previous = os.getcwd()
     os.chdir(workdir)
     try:
-        metrics = lvm.main(["--demo"])
+        metrics = lvm.main(["--demo", "--DEVICE", "cpu"])
     finally:
         os.chdir(previous)
     return workdir, metrics

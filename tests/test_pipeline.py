@@ -1,4 +1,5 @@
 import json
+import math
 import os
 from collections import Counter
 from pathlib import Path
@@ -175,10 +176,84 @@ def test_feature_loss_is_zero_for_matching_directions_and_ignores_removed_text(l
 
 
 def test_ema_follows_the_weights_quickly_at_first_then_slowly(lvm):
-    update = lvm.ema_update(0.99)
-    averaged, current = torch.zeros(3), torch.ones(3)
-    assert update(averaged, current, torch.tensor(0)).tolist() == pytest.approx([0.9] * 3)  # decay 1/10 at first
-    assert update(averaged, current, torch.tensor(10_000)).tolist() == pytest.approx([0.01] * 3)
+    model = small_student(lvm)
+    ema = lvm.MovingAverage(model, 0.99)
+    weight = lambda m: m.fusion[0].weight
+    start = weight(ema.module).clone()
+    with torch.no_grad():
+        weight(model).add_(1.0)
+        model.cnn[1].running_mean.add_(2.0)  # a BatchNorm statistic follows too
+    ema.update(model)  # decay 1/10 at first
+    assert torch.allclose(weight(ema.module), start + 0.9, atol=1e-6)
+    assert torch.allclose(ema.module.cnn[1].running_mean, torch.full_like(model.cnn[1].running_mean, 1.8))
+    ema.steps = 10_000
+    before = weight(ema.module).clone()
+    ema.update(model)  # then the full decay of 0.99
+    assert torch.allclose(weight(ema.module), before + 0.01 * (weight(model) - before), atol=1e-6)
+    assert not any(p.requires_grad for p in ema.module.parameters())
+    restored = lvm.MovingAverage(small_student(lvm), 0.99)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.steps == 10_001 and torch.equal(weight(restored.module), weight(ema.module))
+
+
+def tiny_split(lvm, n=64, size=16, tokens=8):
+    torch.manual_seed(0)
+    lengths = torch.randint(0, tokens + 1, (n, 1))
+    return lvm.Split(torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8), torch.randint(1, 50, (n, tokens)),
+                     (torch.arange(tokens) < lengths).long(), (torch.randint(0, 2, (n,)), torch.randint(0, 5, (n,))),
+                     (torch.randn(n, 2), torch.randn(n, 5)))
+
+
+def test_epoch_plan_sorts_each_batch_by_text_length_and_drops_whole_texts(lvm):
+    data = tiny_split(lvm, n=70)
+    plan = lvm.epoch_plan(data, 32, 0.5, torch.Generator().manual_seed(0))
+    assert sorted(plan["order"].tolist()) == list(range(70))
+    assert 20 < int((~plan["keep_text"]).sum()) < 50
+    expected = data.mask.sum(1)[plan["order"]] * plan["keep_text"]
+    assert torch.equal(plan["lengths"], expected)
+    for batch in plan["lengths"].split(32):  # packing wants each batch in decreasing length
+        assert torch.equal(batch, batch.sort(descending=True).values)
+    assert plan["draws"].shape == (70, lvm.AUGMENT_DRAWS)
+
+
+def test_augmentation_draws_map_to_identity_flip_and_intensity(lvm):
+    images = torch.randint(0, 256, (2, 3, 12, 12), dtype=torch.uint8)
+    neutral = [1 - 1e-7, math.log(1 / 0.9) / math.log(1.1 / 0.9), 0.5, 0.5, 0.5, 0.9, 0.5, 0.5]
+    u = torch.tensor([neutral, neutral])
+    assert torch.allclose(lvm.augment_images(images, u), lvm.normalize(images), atol=1e-3)  # no crop, turn or jitter
+    u[1, 5] = 0.1  # flip the second image
+    assert torch.allclose(lvm.augment_images(images, u)[1], lvm.normalize(images[1].flip(-1)), atol=1e-3)
+    u[1, 5], u[1, 6] = 0.9, 0.0  # brightness x 0.8
+    darker = lvm.augment_images(images, u)[1] * 0.25 + 0.5  # back to [0, 1]
+    assert torch.allclose(darker, images[1].float() / 255 * 0.8, atol=1e-3)
+    varied = lvm.augment_images(images.repeat(8, 1, 1, 1), torch.rand(16, lvm.AUGMENT_DRAWS))
+    assert varied.shape == (16, 3, 12, 12) and not torch.allclose(varied[0], varied[2])
+
+
+def test_amp_dtype_is_decided_once_from_the_device(lvm, monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert lvm.resolve_amp("auto", cpu) is None and lvm.resolve_amp("bf16", cpu) == torch.bfloat16
+    for capability, expected in (((7, 5), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert lvm.resolve_amp("auto", cuda) == expected  # a T4 (7.5) gets fp16, whatever bf16 emulation says
+    assert lvm.resolve_amp("fp32", cuda) is None and lvm.resolve_amp("fp16", cuda) == torch.float16
+    assert [lvm.grad_scaler(cpu, amp).is_enabled() for amp in (None, torch.bfloat16, torch.float16)] == [False, False, True]
+
+
+@pytest.mark.parametrize("init_scale, steps", [(2.0 ** 127, 0), (2.0 ** 8, 2)])
+def test_a_step_the_loss_scaler_skips_moves_neither_schedule_nor_ema(lvm, init_scale, steps):
+    data = tiny_split(lvm)
+    student = small_student(lvm)
+    cfg = lvm.parse_config(["--BATCH_SIZE", "32", "--IMAGE_ONLY_LOSS", "0"])
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    ema = lvm.MovingAverage(student, 0.9)
+    before = [p.detach().clone() for p in student.parameters()]
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)  # 2^127 overflows every gradient: both steps skipped
+    lvm.train_epoch(student, data, optimizer, scheduler, scaler, cfg, torch.device("cpu"), None,
+                    torch.Generator().manual_seed(0), ema=ema)
+    assert scheduler.last_epoch == steps and ema.steps == steps
+    assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters())) == bool(steps)
 
 
 # student ------------------------------------------------------------------------
@@ -261,25 +336,37 @@ def test_image_features_handle_tensor_and_output_object(lvm, tiny_teacher, monke
     _, teacher = tiny_teacher
     images = torch.randint(0, 255, (3, 3, 24, 24), dtype=torch.uint8)
     cpu = torch.device("cpu")
-    features = lvm.image_features(teacher["clip"], teacher["processor"], images, cpu)  # installed transformers
+    features = lvm.image_features(teacher["clip"], teacher["processor"], images, cpu, None)  # installed transformers
     assert features.shape == (3, teacher["clip"].config.projection_dim)
     original = teacher["clip"].get_image_features
     as_tensor = lambda **kw: (lambda out: out if torch.is_tensor(out) else out.pooler_output)(original(**kw))
     monkeypatch.setattr(teacher["clip"], "get_image_features", as_tensor)  # transformers 4.x returns a tensor
-    assert torch.allclose(lvm.image_features(teacher["clip"], teacher["processor"], images, cpu), features)
+    assert torch.allclose(lvm.image_features(teacher["clip"], teacher["processor"], images, cpu, None), features)
 
 
-def test_teacher_features_are_cached_per_sample(lvm, tiny_teacher, monkeypatch):
+def test_teacher_features_are_cached_per_sample_and_precision(lvm, tiny_teacher, monkeypatch, tmp_path):
     cfg, teacher = tiny_teacher
-    images = {"k1": torch.full((3, 24, 24), 10, dtype=torch.uint8), "k2": torch.full((3, 24, 24), 200, dtype=torch.uint8)}
-    samples = [{"image_key": "k1", "text": "ct of the head"}, {"image_key": "k2", "text": ""}]
+    samples = []
+    for key, (value, text) in {"k1": (10, "ct of the head"), "k2": (200, "")}.items():
+        Image.new("RGB", (60, 40), (value,) * 3).save(tmp_path / f"{key}.png")
+        samples.append({"image_key": key, "image": str(tmp_path / f"{key}.png"), "text": text})
+    seen_sizes = []
+    original = lvm.image_features
+    monkeypatch.setattr(lvm, "image_features", lambda clip, processor, images, *a: seen_sizes.append(
+        tuple(images.shape[1:])) or original(clip, processor, images, *a))
     cpu = torch.device("cpu")
-    features = lvm.teacher_features(samples, images, teacher, cfg, cpu)
+    features = lvm.teacher_features(samples, teacher, cfg, cpu, None)
     assert features["image"].shape == (2, teacher["clip"].config.projection_dim)
     assert features["text"].shape == (2, teacher["text"].config.dim)
+    side = lvm.teacher_image_size(teacher["processor"])
+    assert side != cfg.IMAGE_SIZE and seen_sizes == [(3, side, side)]  # its own decode, not the student's copy
+    stores = lambda: sorted(p.name for p in Path(cfg.CACHE_DIR).glob("*-*.pt") if not p.name.startswith("images"))
+    before = stores()
+    lvm.teacher_features(samples, teacher, cfg, cpu, torch.bfloat16)  # another precision: other cache entries
+    assert len(seen_sizes) == 2 and len(stores()) == len(before) + 2
     monkeypatch.setattr(lvm, "image_features", lambda *a: pytest.fail("vision teacher ran again"))
     monkeypatch.setattr(lvm, "text_features", lambda *a: pytest.fail("text teacher ran again"))
-    again = lvm.teacher_features(samples[::-1], images, teacher, cfg, cpu)  # keyed by content, not position
+    again = lvm.teacher_features(samples[::-1], teacher, cfg, cpu, None)  # keyed by content, not position
     assert all(torch.equal(again[tower], features[tower].flip(0)) for tower in features)
 
 
@@ -367,6 +454,20 @@ def test_demo_run_writes_every_output(lvm, demo_run):
     assert not list(workdir.rglob(".*.tmp"))  # no half-written file left behind
 
 
+def test_demo_runs_under_bf16_autocast_on_the_cpu(lvm, tmp_path):
+    """The autocast path (teacher pass and training under bf16, evaluation in fp32) on a machine without a GPU."""
+    previous = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        metrics = lvm.main(["--demo", "--DEVICE", "cpu", "--AMP_DTYPE", "bf16"])
+    finally:
+        os.chdir(previous)
+    assert metrics["precision"] == "bf16" and metrics["device"] == "cpu"
+    losses = [float(r[1]) for r in read_csv(tmp_path / "logs" / "training_log.csv")[1:]]
+    assert len(losses) == lvm.DEMO["EPOCHS"] and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    assert metrics["student"]["dev"]["modality_acc"] > 0.8 and metrics["student"]["dev"]["location_acc"] > 0.6
+
+
 def test_int8_student_quantizes_every_layer_kind_and_reports_its_agreement(lvm, demo_run):
     workdir, metrics = demo_run
     float_model, meta = lvm.load_student(workdir / "results" / "lightweight_vlm.pth")
@@ -444,7 +545,7 @@ def test_predict_prints_one_json_object_per_image_from_either_file(lvm, demo_run
         for texts in ([s["text"] for s in samples], []):
             args = ["--model", f"results/{file}", "--image", *images] + [a for t in texts for a in ("--text", t)]
             rows = run_predict(lvm, workdir, args, capsys)
-            logits = lvm.predict(model, {k: v[:3] for k, v in data.items() if k != "labels"}, torch.device("cpu"),
+            logits = lvm.predict(model, lvm.Split(data.images[:3], data.ids[:3], data.mask[:3]), torch.device("cpu"),
                                  with_text=bool(texts))
             assert [r["image"] for r in rows] == images and all(r["with_text"] == bool(texts) for r in rows)
             for task, task_logits in zip(lvm.TASKS, logits):
@@ -501,7 +602,7 @@ def test_demo_run_draws_pictures_and_a_report_with_the_runs_numbers(lvm, demo_ru
                 if row:
                     assert f"| {name} | {split} | " + " | ".join(f"{row[c]:.4f}" for c in columns) + " |" in report
     assert f"student {saved['student_params']:,}" in report and f"int8 {saved['student_int8_file_bytes']:,} B" in report
-    assert "```\npython light-weight-vlm.py --demo\n```" in report
+    assert "```\npython light-weight-vlm.py --demo --DEVICE cpu\n```" in report
     assert "| `EPOCHS` | `8` | `20` |" in report  # a constant --demo changes
     n_train = len((workdir / lvm.DEMO["DATA_ROOT"] / "splitted_dataset" / "descriptions_train.jsonl").read_text().splitlines())
     assert f"| {n_train} |" in report.split("## Data: modality")[1].split("\n| dev")[0]

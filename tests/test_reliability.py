@@ -170,11 +170,25 @@ def test_unreachable_hub_id_without_local_copy_stops_with_one_line(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("light-weight-vlm: error: cannot load TEXT_TEACHER='nobody/no-such-model'")
 
 
+@pytest.mark.parametrize("device, expected", [
+    ("cuda", "DEVICE='cuda', but CUDA is not available here (torch "), ("gpu", "DEVICE='gpu' is not a device"),
+    ("mps", "DEVICE='mps': only cpu and cuda are supported")])
+def test_a_device_this_machine_lacks_stops_with_one_line(tmp_path, device, expected):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # no GPU, even on a machine that has one
+    done = subprocess.run([sys.executable, str(SCRIPT), "--demo", "--DEVICE", device], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1 and lines[0].startswith(f"light-weight-vlm: error: {expected}")
+    assert not (tmp_path / "cache").exists()  # stopped before any work
+
+
 @pytest.mark.parametrize("argv, expected", [(["--EPOCHS", "-3"], "--EPOCHS must be > 0, got -3"),
                                             (["--PRUNE_AMOUNT", "1"], "--PRUNE_AMOUNT must be in [0, 1), got 1.0"),
                                             (["--KD_ALPHA", "-0.1"], "--KD_ALPHA must be in [0, 1], got -0.1"),
                                             (["--EPOCH", "3"], "unrecognized arguments: --EPOCH 3"),
-                                            (["--learning-rate", "3"], "unrecognized arguments: --learning-rate 3")])
+                                            (["--learning-rate", "3"], "unrecognized arguments: --learning-rate 3"),
+                                            (["--AMP_DTYPE", "float16"],
+                                             "--AMP_DTYPE must be one of auto, bf16, fp16, fp32, got 'float16'")])
 def test_bad_command_line_stops_with_usage_and_one_error_line(lvm, capsys, argv, expected):
     with pytest.raises(SystemExit) as stop:
         lvm.main(argv)
@@ -209,10 +223,10 @@ def test_skips_are_counted_printed_and_stored_by_a_whole_run(lvm, tmp_path, caps
 # interrupted runs and repeatability -------------------------------------------------------
 
 
-def start_demo(workdir: Path, *extra: str) -> subprocess.Popen:
+def start_demo(workdir: Path, *extra: str, device: str = "cpu") -> subprocess.Popen:
     workdir.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen([sys.executable, str(SCRIPT), "--demo", *extra], cwd=workdir, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, str(SCRIPT), "--demo", "--DEVICE", device, *extra], cwd=workdir,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def finish(process: subprocess.Popen) -> tuple[int, str, str]:
@@ -293,7 +307,7 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(lvm, tmp_path):
     assert code == 130 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == (
         "interrupted. Finished stages are kept (caches in cache/, finished epochs in results/checkpoint.pt); "
-        "continue with: python light-weight-vlm.py --demo --SEED 7 --resume")
+        "continue with: python light-weight-vlm.py --demo --DEVICE cpu --SEED 7 --resume")
     checkpoint = torch.load(workdir / "results" / "checkpoint.pt", weights_only=False)
     assert checkpoint["progress"]["epoch"] >= 1  # the log of epoch 2 is written just before its checkpoint
     assert not list(workdir.rglob(".*.tmp"))
@@ -301,10 +315,11 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(lvm, tmp_path):
     previous = os.getcwd()
     os.chdir(workdir)
     try:
-        message = stop_message(lambda: lvm.main(["--demo", "--SEED", "7", "--EPOCHS", "9", "--resume"]))
+        message = stop_message(lambda: lvm.main(["--demo", "--DEVICE", "cpu", "--SEED", "7", "--EPOCHS", "9",
+                                                 "--resume"]))
         assert "results/checkpoint.pt was written with other settings (EPOCHS)" in message
         Path("results/checkpoint.pt").write_bytes(b"truncated")
-        message = stop_message(lambda: lvm.main(["--demo", "--SEED", "7", "--resume"]))
+        message = stop_message(lambda: lvm.main(["--demo", "--DEVICE", "cpu", "--SEED", "7", "--resume"]))
         assert "results/checkpoint.pt: unreadable checkpoint" in message
     finally:
         os.chdir(previous)
@@ -324,19 +339,19 @@ def test_changed_text_or_teacher_recomputes_only_what_changed(lvm, tmp_path, mon
                         original(model, tok, texts, *a))
     cpu = torch.device("cpu")
     samples = [{"image_key": "a", "text": "ct of the head"}, {"image_key": "b", "text": "mri of the knee"}]
-    first = lvm.teacher_features(samples, {}, teacher, cfg, cpu)["text"]
+    first = lvm.teacher_features(samples, teacher, cfg, cpu, None)["text"]
     samples[1]["text"] = "mri of the spine"  # the split file changed this caption
-    second = lvm.teacher_features(samples, {}, teacher, cfg, cpu)["text"]
+    second = lvm.teacher_features(samples, teacher, cfg, cpu, None)["text"]
     assert computed == [["ct of the head", "mri of the knee"], ["mri of the spine"]]
     assert torch.equal(first[0], second[0]) and not torch.equal(first[1], second[1])
 
     shutil.copytree(tmp_path / "bert", tmp_path / "other")  # another teacher: same files, then new weights
     other = lvm.parse_config(["--VISION_TEACHER", "None", "--TEXT_TEACHER", str(tmp_path / "other"),
                               "--CACHE_DIR", str(tmp_path / "cache")])
-    lvm.teacher_features(samples, {}, teacher, other, cpu)
+    lvm.teacher_features(samples, teacher, other, cpu, None)
     assert len(computed) == 2  # identical bytes: the same teacher, the same cache entries
     with torch.no_grad():
         teacher["text"].get_input_embeddings().weight.mul_(2)
     teacher["text"].save_pretrained(tmp_path / "other")
-    changed = lvm.teacher_features(samples, {}, teacher, other, cpu)["text"]
+    changed = lvm.teacher_features(samples, teacher, other, cpu, None)["text"]
     assert computed[2] == ["ct of the head", "mri of the spine"] and not torch.equal(changed, second)

@@ -1,0 +1,136 @@
+"""The CUDA path, run where a GPU is (skipped elsewhere): a demo run with each AMP dtype, kill -9 and --resume,
+the saved files on the CPU, the students' agreement with the CUDA-trained model, the LSTM's precision under
+autocast, and a training epoch that never waits for the GPU. tests/gpu_check.sh runs these with a benchmark."""
+
+import json
+import os
+import signal
+import warnings
+
+import pytest
+import torch
+
+from conftest import demo_dev_data, read_csv
+from test_reliability import finish, start_demo, stop_message, wait_for_epochs
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="no CUDA device here (torch.cuda.is_available() is False)")
+CUDA, CPU = torch.device("cuda"), torch.device("cpu")
+
+
+@pytest.fixture(scope="module", params=["bf16", "fp16", "fp32"])
+def cuda_run(lvm, request, tmp_path_factory):
+    """A full --demo run on the GPU with the given AMP dtype, in-process, in a fresh working directory."""
+    workdir = tmp_path_factory.mktemp(f"cuda-{request.param}")
+    previous = os.getcwd()
+    os.chdir(workdir)
+    try:
+        metrics = lvm.main(["--demo", "--DEVICE", "cuda", "--AMP_DTYPE", request.param])
+    finally:
+        os.chdir(previous)
+    return request.param, workdir, metrics
+
+
+def tensors(obj) -> list[torch.Tensor]:
+    if torch.is_tensor(obj):
+        return [obj]
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else []
+    return [t for v in values for t in tensors(v)]
+
+
+def test_demo_run_on_cuda_learns_and_records_its_precision(lvm, cuda_run):
+    amp, workdir, metrics = cuda_run
+    assert metrics["device"].startswith("cuda") and metrics["precision"] == amp
+    rows = read_csv(workdir / "logs" / "training_log.csv")
+    assert [int(r[0]) for r in rows[1:]] == list(range(1, lvm.DEMO["EPOCHS"] + 1))
+    losses = [float(r[1]) for r in rows[1:]]
+    assert all(map(lambda x: x == x, losses)) and losses[-1] < losses[0]  # finite, and falling
+    assert metrics["student"]["dev"]["modality_acc"] > 0.8 and metrics["student"]["dev"]["location_acc"] > 0.6
+
+
+def test_files_written_on_cuda_load_on_the_cpu_and_agree_with_the_gpu(lvm, cuda_run):
+    amp, workdir, metrics = cuda_run
+    results = workdir / "results"
+    for name in ("lightweight_vlm.pth", "lightweight_vlm_int8.pt", "checkpoint.pt"):
+        saved = torch.load(results / name, weights_only=False)  # no map_location: CUDA tensors would land on the GPU
+        assert all(t.device.type == "cpu" for t in tensors(saved)), name
+    model, meta = lvm.load_student(results / "lightweight_vlm.pth")
+    data = demo_dev_data(lvm, workdir, meta)
+    on_cpu = [lg.argmax(1) for lg in lvm.predict(model, data, CPU)]
+    on_gpu = [lg.argmax(1) for lg in lvm.predict(model.to(CUDA), data, CUDA)]
+    for task, a, b in zip(lvm.TASKS, on_cpu, on_gpu):
+        assert (a == b).float().mean() >= 0.99, task
+    # int8 (on the CPU) against the pruned float model it was made from, whose labels the run computed on the GPU
+    assert all(v >= 0.99 for v in metrics["int8_agreement"]["pruned_float"].values()), metrics["int8_agreement"]
+
+
+def test_lstm_runs_in_fp32_under_autocast(lvm):
+    student = lvm.Student(vocab_size=50, pad_id=0, n_modality=2, n_location=5).to(CUDA)
+    ids, mask = torch.randint(1, 50, (4, 16), device=CUDA), torch.ones(4, 16, dtype=torch.long, device=CUDA)
+    images = torch.randn(4, 3, 64, 64, device=CUDA)
+    for dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast("cuda", dtype=dtype):
+            vectors = student.embed(images, ids, mask)
+        assert vectors["text"].dtype == torch.float32 and vectors["image"].dtype == dtype
+
+
+@pytest.mark.parametrize("amp", [torch.bfloat16, None])
+def test_a_training_epoch_does_not_wait_for_the_gpu(lvm, amp):
+    """Host syncs during one epoch of 20 steps: a few around the loop (the epoch's plan goes to the GPU, the
+    mean loss comes back), none per step. cudaStreamSynchronize and .item() are what sync debug mode reports."""
+    torch.manual_seed(0)
+    n, size, tokens = 640, 64, 32
+    student = lvm.Student(vocab_size=100, pad_id=0, n_modality=2, n_location=5).to(CUDA)
+    data = lvm.Split(torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8), torch.randint(1, 100, (n, tokens)),
+                     (torch.arange(tokens) < torch.randint(0, tokens, (n, 1))).long(),
+                     (torch.randint(0, 2, (n,)), torch.randint(0, 5, (n,))), (torch.randn(n, 2), torch.randn(n, 5)),
+                     dict(image=torch.randn(n, 32), text=torch.randn(n, 48))).to(CUDA)
+    cfg = lvm.parse_config([])
+    adapters = lvm.feature_adapters(student, data.features).to(CUDA)
+    optimizer = lvm.adamw([*student.parameters(), *adapters.parameters()], 1e-3, 0.05, CUDA)
+    ema, scaler = lvm.MovingAverage(student, 0.99), lvm.grad_scaler(CUDA, amp)
+    generator = torch.Generator().manual_seed(0)
+    train = lambda: lvm.train_epoch(student, data, optimizer, None, scaler, cfg, CUDA, amp, generator, adapters, ema)
+    train()  # warm-up: cuDNN's first calls choose algorithms
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            train()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    steps = n // cfg.BATCH_SIZE
+    print(f"\nhost syncs in one epoch of {steps} steps ({lvm.amp_name(amp)}): {len(syncs)}")
+    assert len(syncs) <= 8, [str(w.message)[:120] for w in syncs[:3]]
+
+
+def test_killed_on_cuda_then_resumed_finishes_each_epoch_once(lvm, tmp_path):
+    workdir, epochs = tmp_path / "killed", 20  # demo epochs take a fraction of a second on a GPU: leave room to kill
+    process = start_demo(workdir, "--EPOCHS", str(epochs), device="cuda")
+    wait_for_epochs(process, workdir / "logs" / "training_log.csv", 2)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    assert len(read_csv(workdir / "logs" / "training_log.csv")) - 1 < epochs
+
+    same_precision = lvm.amp_name(lvm.resolve_amp("auto", CUDA))  # so that only the device differs
+    message = stop_message(lambda: run_in(lvm, workdir, ["--demo", "--DEVICE", "cpu", "--AMP_DTYPE", same_precision,
+                                                         "--EPOCHS", str(epochs), "--resume"]))
+    assert "was written with other settings (device): device 'cuda' there, 'cpu' now" in message
+
+    code, out, err = finish(start_demo(workdir, "--EPOCHS", str(epochs), "--resume", device="cuda"))
+    assert code == 0, err
+    assert "resumed from results/checkpoint.pt: " in out
+    assert [int(row[0]) for row in read_csv(workdir / "logs" / "training_log.csv")[1:]] == list(range(1, epochs + 1))
+    metrics = json.loads((workdir / "results" / "metrics.json").read_text())
+    assert metrics["student"]["dev"]["modality_acc"] > 0.8 and metrics["student"]["dev"]["location_acc"] > 0.6
+
+
+def run_in(lvm, workdir, argv):
+    previous = os.getcwd()
+    os.chdir(workdir)
+    try:
+        return lvm.main(argv)
+    finally:
+        os.chdir(previous)
