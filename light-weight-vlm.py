@@ -9,6 +9,8 @@ Run on MedPix 2.0 (layout: DATA_ROOT/images/*.png, DATA_ROOT/splitted_dataset/*.
     python light-weight-vlm.py --DATA_ROOT ../shared/medpix/MedPix-2-0
 Classify images with a saved student (the int8 .pt or the float .pth), one JSON line each:
     python light-weight-vlm.py predict --model results/lightweight_vlm_int8.pt --image a.png b.png --text "..."
+On several GPUs (or CPU processes), one process each, with torchrun; --nnodes for several machines:
+    torchrun --standalone --nproc_per_node 8 light-weight-vlm.py --DATA_ROOT ...
 Any constant in the CONFIG block can be overridden on the command line by its own name:
     python light-weight-vlm.py --EPOCHS 3 --VISION_TEACHER None --TEXT_TEACHER path/to/bert
 Stages: data -> teacher features (cached) -> teacher heads -> distillation -> pruning and
@@ -23,28 +25,32 @@ import ast
 import copy
 import csv
 import dataclasses
+import datetime
 import hashlib
 import json
 import math
 import os
 import random
+import secrets
 import shlex
 import sys
 import time
 import warnings
 from collections import Counter
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, redirect_stdout
 from pathlib import Path
 from typing import Callable
 
 import jsonlines
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter
 from sklearn.decomposition import PCA
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import prune
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from torchvision.transforms import v2
@@ -86,7 +92,7 @@ FEATURE_KD = 3.0  # weight of the feature term: cosine distance of the student's
 # through a linear adapter each, to the teacher's features of the same tower (0: off)
 # training
 EPOCHS = 20
-BATCH_SIZE = 32
+BATCH_SIZE = 32  # per process: under torchrun the global batch is BATCH_SIZE x processes
 GRAD_ACCUM_STEPS = 1  # optimizer step every this many batches
 LR = 2e-3  # peak learning rate of AdamW, after linear warm-up, then cosine decay
 WEIGHT_DECAY = 0.05
@@ -183,10 +189,11 @@ def config_ranges(cfg: dict) -> list[tuple[str, bool, str]]:
               "a tuple of positive widths"), ("AMP_DTYPE", cfg["AMP_DTYPE"] in AMP_DTYPES, "one of " + ", ".join(AMP_DTYPES))])
 
 
-def resolve_device(name: str) -> torch.device:
-    """DEVICE as a torch.device; a device this machine lacks stops the run with one line."""
+def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
+    """DEVICE as a torch.device; a device this machine lacks stops the run with one line. Under torchrun
+    (local_rank given) each process takes the GPU of its local rank."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -195,9 +202,50 @@ def resolve_device(name: str) -> torch.device:
         fail(f"DEVICE={name!r}: only cpu and cuda are supported")
     if device.type == "cuda" and not torch.cuda.is_available():
         fail(f"DEVICE={name!r}, but CUDA is not available here (torch {torch.__version__}); use --DEVICE cpu")
+    if device.type == "cuda" and local_rank is not None:
+        if device.index is not None:
+            fail(f"DEVICE={name!r}: under torchrun each process takes the GPU of its LOCAL_RANK; use --DEVICE cuda")
+        device = torch.device("cuda", local_rank)
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         fail(f"DEVICE={name!r}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
+
+
+def start_processes(cfg) -> tuple[torch.device, int]:
+    """The device, and this process's rank. Under torchrun (WORLD_SIZE > 1 in the environment) it joins the
+    process group: NCCL between GPUs, gloo between CPU processes."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return resolve_device(cfg.DEVICE), 0
+    device = resolve_device(cfg.DEVICE, int(os.environ["LOCAL_RANK"]))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            timeout=datetime.timedelta(hours=2))  # the others wait while process 0 decodes it all
+    if dist.get_rank() > 0:
+        from transformers.utils import logging
+        logging.disable_progress_bar()  # its own bars, when it loads a model
+    return device, dist.get_rank()
+
+
+def rank_and_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+@contextmanager
+def rank_zero_first():
+    """Process 0 runs the block first (writing what it makes: demo data, caches), then the others run it
+    and find it made. Outside torchrun, just the block."""
+    rank, world = rank_and_world()
+    if rank > 0:
+        dist.barrier()
+    yield
+    if world > 1 and rank == 0:
+        dist.barrier()
+
+
+def progress(iterable, desc: str):
+    """A progress bar on a terminal only (a log file would fill with redraws), and from process 0 only."""
+    return tqdm(iterable, desc=desc, leave=False, disable=None if rank_and_world()[0] == 0 else True)
 
 
 def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
@@ -224,16 +272,27 @@ def autocast(device: torch.device, amp: torch.dtype | None):
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file and rename it, so a file is never left half-written."""
+    """Write through a temporary file and rename it, so a file is never left half-written. The temporary
+    name is the writer's own (process id and a random part), so that processes writing one file at once
+    do not trip over each other: the last rename wins, whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
         write(tmp)
         os.replace(tmp, path)
     except BaseException:  # Ctrl-C included: leave neither a half-written file nor its temporary
         tmp.unlink(missing_ok=True)
         raise
+
+
+def save_torch(path: Path, obj) -> None:
+    """torch.save through atomic_write, into an open file (given a path, the archive would record the temporary
+    file's name inside, and two runs' files would differ)."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+    atomic_write(path, write)
 
 
 def write_csv(path: Path, rows: list[list]) -> None:
@@ -356,20 +415,42 @@ def settings_key(**settings) -> str:
     return sha256(json.dumps(settings, sort_keys=True, default=str))[:16]
 
 
+def read_store(path: Path) -> dict[str, torch.Tensor]:
+    """A cache store as saved; empty when there is none or it is unreadable (then rebuilt, never trusted)."""
+    if not path.exists():
+        return {}
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:
+        tqdm.write(f"cache: {path} is unreadable ({type(e).__name__}), rebuilding it")
+        return {}
+
+
 def cached(path: Path, keys: list[str], compute: Callable[[list[str]], dict[str, torch.Tensor]],
-           save_every: int = 512) -> dict:
+           save_every: int = 512, shard: bool = False) -> dict:
     """A content-keyed tensor store: load it, compute the missing keys, save it back atomically after
-    every save_every keys, so that an interrupted run keeps what it had computed."""
-    store = {}
-    if path.exists():
-        try:
-            store = torch.load(path, weights_only=True)
-        except Exception as e:  # a corrupt store is rebuilt, never trusted
-            tqdm.write(f"cache: {path} is unreadable ({type(e).__name__}), rebuilding it")
+    every save_every keys, so that an interrupted run keeps what it had computed. Each save first takes in
+    what other processes saved to the store meanwhile, so that runs sharing a cache keep each other's entries
+    (two saves that cross lose at most the one's latest entries, which the next run computes again). With
+    shard, under torchrun: every process computes its share of each chunk, all processes receive every
+    share, and process 0 alone saves."""
+    rank, world = rank_and_world() if shard else (0, 1)
+    if world > 1:
+        dist.barrier()  # process 0 has finished its last save (of another split, say) before any reads
+    store = read_store(path)
+    if world > 1:
+        dist.barrier()  # all have read the store before process 0 saves to it again: all agree on what is missing
     missing = [k for k in dict.fromkeys(keys) if k not in store]
     for i in range(0, len(missing), save_every):
-        store.update(compute(missing[i:i + save_every]))
-        atomic_write(path, lambda tmp: torch.save(store, tmp))
+        computed = compute(missing[i:i + save_every][rank::world])
+        if world > 1:
+            shares = [None] * world
+            dist.all_gather_object(shares, computed)
+            computed = {k: v for share in shares for k, v in share.items()}
+        store.update(computed)
+        if rank == 0:
+            store = read_store(path) | store
+            save_torch(path, store)
     return store
 
 
@@ -413,7 +494,7 @@ def decoded_images(paths: dict[str, str], size: int, cache_dir: Path, skipped: C
     """The images at paths (keyed by their content), decoded at size x size, from the cache or decoded now."""
     def compute(keys):
         decoded = {}
-        for key in tqdm(keys, desc=f"decoding images at {size} px", leave=False):
+        for key in progress(keys, f"decoding images at {size} px"):
             try:
                 decoded[key] = decode_image(paths[key], size)
             except IMAGE_ERRORS as e:
@@ -498,7 +579,7 @@ def text_features(model, tokenizer, texts: list[str], max_tokens: int, device: t
 
 def batched_features(keys: list[str], inputs: dict, extract: Callable, batch_size: int, desc: str) -> dict:
     out = {}
-    for i in tqdm(range(0, len(keys), batch_size), desc=desc, leave=False):
+    for i in progress(range(0, len(keys), batch_size), desc):
         chunk = keys[i:i + batch_size]
         for key, feature in zip(chunk, extract([inputs[k] for k in chunk])):
             out[key] = feature
@@ -520,7 +601,7 @@ def teacher_features(samples: list[dict], teacher: dict, cfg, device: torch.devi
         store = cached(cache_dir / f"vision-{key}.pt", list(paths), lambda keys: batched_features(
             keys, decoded_images({k: paths[k] for k in keys}, size, cache_dir, Counter()),
             lambda x: image_features(clip, processor, torch.stack(x), device, amp), cfg.TEACHER_BATCH_SIZE,
-            "vision teacher"))
+            "vision teacher"), shard=True)
         parts["image"] = torch.stack([store[s["image_key"]] for s in samples])
     if "text" in teacher:
         model = teacher["text"].to(device)
@@ -529,7 +610,7 @@ def teacher_features(samples: list[dict], teacher: dict, cfg, device: torch.devi
                            precision=precision)
         store = cached(cache_dir / f"text-{key}.pt", list(texts), lambda keys: batched_features(
             keys, texts, lambda x: text_features(model, teacher["tokenizer"], x, cfg.MAX_TOKENS, device, amp),
-            cfg.TEACHER_BATCH_SIZE, "text teacher"))
+            cfg.TEACHER_BATCH_SIZE, "text teacher"), shard=True)
         parts["text"] = torch.stack([store[sha256(s["text"])] for s in samples])
     return parts
 
@@ -546,7 +627,7 @@ def train_teacher_heads(features: dict, labels: dict, n_classes: tuple[int, int]
     optimizer = torch.optim.AdamW(heads.parameters(), lr=cfg.HEAD_LR, weight_decay=0.01)
     best_score, best_state, since_best = -1.0, None, 0
     split_logits = lambda out: torch.split(out, list(n_classes), dim=1)
-    for _ in tqdm(range(cfg.HEAD_EPOCHS), desc="teacher heads", leave=False):
+    for _ in progress(range(cfg.HEAD_EPOCHS), "teacher heads"):
         heads.train()
         logits = split_logits(heads(features["train"]))
         loss = sum(F.cross_entropy(lg, y) for lg, y in zip(logits, labels["train"]))
@@ -691,13 +772,12 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return (1 - alpha) * ce + alpha * temperature ** 2 * kl
 
 
-def feature_loss(student_vectors: dict, teacher_vectors: dict, adapters: nn.ModuleDict,
-                 has_text: torch.Tensor) -> torch.Tensor:
-    """Mean cosine distance between each student tower's vector, mapped by its adapter, and the teacher's
-    feature of the same tower; text only where the sample still has text."""
+def feature_loss(adapted: dict, teacher_vectors: dict, has_text: torch.Tensor) -> torch.Tensor:
+    """Mean cosine distance between each student tower's vector, mapped by its adapter (adapted), and the
+    teacher's feature of the same tower; text only where the sample still has text."""
     losses = []
-    for tower, adapter in adapters.items():
-        distance = 1 - F.cosine_similarity(adapter(student_vectors[tower].float()), teacher_vectors[tower], dim=1)
+    for tower, vector in adapted.items():
+        distance = 1 - F.cosine_similarity(vector, teacher_vectors[tower], dim=1)
         keep = (has_text if tower == "text" else torch.ones_like(has_text)).float()
         losses.append((distance * keep).sum() / keep.sum().clamp(min=1))  # no host sync: no boolean indexing
     return sum(losses)
@@ -706,6 +786,26 @@ def feature_loss(student_vectors: dict, teacher_vectors: dict, adapters: nn.Modu
 def feature_adapters(student: Student, features: dict) -> nn.ModuleDict:
     """Linear maps from the student's image and text vectors to the teacher's feature widths (training only)."""
     return nn.ModuleDict({tower: nn.Linear(student.widths[tower], f.shape[1]) for tower, f in features.items()})
+
+
+class Distiller(nn.Module):
+    """The student and its feature adapters as one module whose forward returns everything the loss reads:
+    the logits, those with the text removed (with image_only), and the adapted vectors. One module, because
+    DistributedDataParallel only synchronises the gradients of what its forward runs."""
+
+    def __init__(self, student: Student, adapters: nn.ModuleDict, image_only: bool):
+        super().__init__()
+        self.student, self.adapters, self.image_only = student, adapters, image_only
+
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                lengths: torch.Tensor | None = None) -> tuple[list[tuple], dict]:
+        vectors = self.student.embed(images, input_ids, attention_mask, lengths)
+        logits = [self.student.classify(vectors)]
+        if self.image_only:
+            logits.append(self.student.classify(dict(vectors, text=torch.zeros_like(vectors["text"]))))
+        with torch.autocast(images.device.type, enabled=False):  # fp32, like the teacher's features
+            adapted = {tower: adapter(vectors[tower].float()) for tower, adapter in self.adapters.items()}
+        return logits, adapted
 
 
 # -----------------------------------------------------------------------------
@@ -736,33 +836,42 @@ def augment_images(images: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return v2.functional.normalize(x, NORM_MEAN, NORM_STD)
 
 
-def epoch_plan(data: Split, batch_size: int, text_dropout: float, generator: torch.Generator) -> dict:
-    """Every random choice of one epoch, drawn at once on the CPU: the sample order (each batch sorted by text
-    length, as packing wants it), which samples lose their whole text, and the augmentation draws."""
+def epoch_plan(data: Split, batch_size: int, text_dropout: float, generator: torch.Generator, rank: int = 0,
+               world: int = 1) -> dict:
+    """Every random choice of one epoch for process rank of world, drawn at once on the CPU: its samples (every
+    world-th of the epoch's permutation, which every process draws alike; the first few repeat so that all
+    processes get as many, as DistributedSampler does), in batches each sorted by text length as packing
+    wants it, which samples lose their whole text, and the augmentation draws."""
     lengths = data.mask.sum(1).cpu()
-    order = torch.randperm(len(lengths), generator=generator)
-    keep_text = torch.rand(len(order), generator=generator) >= text_dropout
+    n = len(lengths)
+    total = math.ceil(n / world) * world
+    order = torch.randperm(n, generator=generator)
+    order = torch.cat([order, order[:total - n]])[rank::world]
+    keep_text = (torch.rand(total, generator=generator) >= text_dropout)[rank::world]
     lengths = lengths[order] * keep_text
     by_length = torch.cat([chunk.sort(descending=True, stable=True).indices + start
                            for start, chunk in zip(range(0, len(order), batch_size), lengths.split(batch_size))])
-    draws = torch.rand(len(order), AUGMENT_DRAWS, generator=generator)
+    draws = torch.rand(total, AUGMENT_DRAWS, generator=generator)[rank::world]
     return dict(order=order[by_length], keep_text=keep_text[by_length], lengths=lengths[by_length], draws=draws)
 
 
-def train_epoch(student: nn.Module, data: Split, optimizer, scheduler, scaler, cfg, device: torch.device,
-                amp: torch.dtype | None, generator: torch.Generator, adapters: nn.ModuleDict | None = None,
-                ema: "MovingAverage | None" = None) -> float:
-    """One pass over the train split, whose tensors are on device; returns the mean loss per batch. With
-    adapters, the feature-level distillation term is added; with ema, the averaged model follows every
-    optimizer step. Nothing inside the loop waits for the GPU (but fp16's loss scaler, which must read its
-    overflow check), so the host queues work ahead."""
-    student.train()
-    plan = epoch_plan(data, cfg.BATCH_SIZE, cfg.TEXT_DROPOUT, generator)
+def train_epoch(model: nn.Module, data: Split, optimizer, scheduler, scaler, cfg, device: torch.device,
+                amp: torch.dtype | None, generator: torch.Generator, ema: "MovingAverage | None" = None) -> float:
+    """One pass over the train split, whose tensors are on device, through model: a Distiller, or one wrapped in
+    DistributedDataParallel, when this process takes its share of the epoch. Returns the mean loss per batch
+    over all processes. With ema, the averaged student follows every optimizer step. Nothing inside the loop
+    waits for the GPU (but fp16's loss scaler, which must read its overflow check), so the host queues work
+    ahead."""
+    distributed = isinstance(model, DistributedDataParallel)
+    rank, world = rank_and_world() if distributed else (0, 1)
+    student = (model.module if distributed else model).student
+    model.train()
+    plan = epoch_plan(data, cfg.BATCH_SIZE, cfg.TEXT_DROPOUT, generator, rank, world)
     order, keep_text, draws = (plan[k].to(device) for k in ("order", "keep_text", "draws"))
     starts = range(0, len(order), cfg.BATCH_SIZE)
     total = torch.zeros((), device=device)
     optimizer.zero_grad(set_to_none=True)
-    for step, start in enumerate(tqdm(starts, desc="train", leave=False), 1):
+    for step, start in enumerate(progress(starts, "train"), 1):
         batch = slice(start, start + cfg.BATCH_SIZE)
         idx = order[batch]
         images = augment_images(data.images[idx], draws[batch])
@@ -770,17 +879,18 @@ def train_epoch(student: nn.Module, data: Split, optimizer, scheduler, scaler, c
         targets = [(t[idx], y[idx]) for t, y in zip(data.teacher, data.labels)]
         task_loss = lambda logits: sum(distillation_loss(lg, t, y, cfg.KD_ALPHA, cfg.KD_TEMPERATURE, cfg.LABEL_SMOOTHING)
                                        for lg, (t, y) in zip(logits, targets))
-        with autocast(device, amp):
-            vectors = student.embed(images, data.ids[idx], mask, plan["lengths"][batch])
-            loss = task_loss(student.classify(vectors))
-            if cfg.IMAGE_ONLY_LOSS > 0:
-                image_only = student.classify(dict(vectors, text=torch.zeros_like(vectors["text"])))
-                loss = loss + cfg.IMAGE_ONLY_LOSS * task_loss(image_only)
-        if adapters is not None and cfg.FEATURE_KD > 0:
-            teacher_vectors = {tower: f[idx] for tower, f in data.features.items()}
-            loss = loss + cfg.FEATURE_KD * feature_loss(vectors, teacher_vectors, adapters, mask.sum(1) > 0)
-        scaler.scale(loss / cfg.GRAD_ACCUM_STEPS).backward()
-        if step % cfg.GRAD_ACCUM_STEPS == 0 or step == len(starts):
+        step_now = step % cfg.GRAD_ACCUM_STEPS == 0 or step == len(starts)
+        with model.no_sync() if distributed and not step_now else nullcontext():  # gradients meet at the step only
+            with autocast(device, amp):
+                logits, adapted = model(images, data.ids[idx], mask, plan["lengths"][batch])
+                loss = task_loss(logits[0])
+                if len(logits) > 1:
+                    loss = loss + cfg.IMAGE_ONLY_LOSS * task_loss(logits[1])
+            if adapted:
+                teacher_vectors = {tower: f[idx] for tower, f in data.features.items()}
+                loss = loss + cfg.FEATURE_KD * feature_loss(adapted, teacher_vectors, mask.sum(1) > 0)
+            scaler.scale(loss / cfg.GRAD_ACCUM_STEPS).backward()
+        if step_now:
             scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], cfg.GRAD_CLIP)
             scale = scaler.get_scale() if scaler.is_enabled() else 1.0
@@ -793,6 +903,9 @@ def train_epoch(student: nn.Module, data: Split, optimizer, scheduler, scaler, c
                 if ema is not None:
                     ema.update(student)
         total += loss.detach()
+    if distributed:
+        dist.all_reduce(total)  # a sum: gloo has no mean
+        total /= world
     return total.item() / len(starts)
 
 
@@ -861,14 +974,14 @@ def on_cpu(obj):
 
 
 def save_student(path: Path, student: nn.Module, meta: dict) -> None:
-    atomic_write(path, lambda tmp: torch.save({**meta, "state_dict": on_cpu(student.state_dict())}, tmp))
+    save_torch(path, {**meta, "state_dict": on_cpu(student.state_dict())})
 
 
 def checkpoint_settings(cfg, meta: dict, device: torch.device, amp: torch.dtype | None) -> dict:
-    """What a checkpoint must have been trained with to be resumed: every constant, the data, and the device
-    type and precision it actually ran with (DEVICE and AMP_DTYPE may say 'auto')."""
+    """What a checkpoint must have been trained with to be resumed: every constant, the data, the device type
+    and precision it actually ran with (DEVICE and AMP_DTYPE may say 'auto'), and the number of processes."""
     return {key: getattr(cfg, key) for key in CONFIG_KEYS if key not in ("DEVICE", "AMP_DTYPE")} | dict(
-        data=meta["data"], device=device.type, precision=amp_name(amp))
+        data=meta["data"], device=device.type, precision=amp_name(amp), processes=rank_and_world()[1])
 
 
 def save_checkpoint(path: Path, parts: dict, generator: torch.Generator, progress: dict, settings: dict,
@@ -879,7 +992,7 @@ def save_checkpoint(path: Path, parts: dict, generator: torch.Generator, progres
                generator=generator.get_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
     checkpoint = {name: part.state_dict() for name, part in parts.items()} | dict(
         progress=progress, rng=rng, settings=settings)
-    atomic_write(path, lambda tmp: torch.save(on_cpu(checkpoint), tmp))
+    save_torch(path, on_cpu(checkpoint))
 
 
 def load_checkpoint(path: Path, parts: dict, generator: torch.Generator, settings: dict,
@@ -896,7 +1009,7 @@ def load_checkpoint(path: Path, parts: dict, generator: torch.Generator, setting
                      if settings.get(k) != checkpoint["settings"].get(k))
     if changed:
         was = "; ".join(f"{k} {checkpoint['settings'].get(k)!r} there, {settings.get(k)!r} now"
-                        for k in changed if k in ("device", "precision"))
+                        for k in changed if k in ("device", "precision", "processes"))
         fail(f"{path} was written with other settings ({', '.join(changed)}){': ' + was if was else ''}; resume "
              f"with the same command on the same kind of device, or delete it to train from the first epoch")
     for name, part in parts.items():
@@ -918,14 +1031,18 @@ def train_student(student: nn.Module, data: dict[str, Split], cfg, names: dict, 
                   amp: torch.dtype | None) -> dict:
     """Distil for EPOCHS epochs, log each one, keep the checkpoint with the best dev mean macro-F1;
     return its score and epoch, and the log's rows. The state at the end of every epoch is saved to
-    RESULTS_DIR/checkpoint.pt, from which --resume continues as if never stopped."""
+    RESULTS_DIR/checkpoint.pt, from which --resume continues as if never stopped. Under torchrun every
+    process trains on its share of each epoch, and process 0 alone evaluates, logs and saves."""
     from transformers import get_cosine_schedule_with_warmup
     log_dir, results = Path(cfg.LOG_DIR), Path(cfg.RESULTS_DIR)
+    rank, world = rank_and_world()
     adapters = feature_adapters(student, data["train"].features).to(device)
+    distiller = Distiller(student, adapters if cfg.FEATURE_KD > 0 else nn.ModuleDict(), cfg.IMAGE_ONLY_LOSS > 0)
     optimizer = adamw([*student.parameters(), *adapters.parameters()], cfg.LR, cfg.WEIGHT_DECAY, device)
     ema = MovingAverage(student, cfg.EMA_DECAY) if cfg.EMA_DECAY > 0 else None
     evaluated = ema.module if ema else student
-    steps_per_epoch = math.ceil(math.ceil(len(data["train"].images) / cfg.BATCH_SIZE) / cfg.GRAD_ACCUM_STEPS)
+    per_process = math.ceil(len(data["train"].images) / world)
+    steps_per_epoch = math.ceil(math.ceil(per_process / cfg.BATCH_SIZE) / cfg.GRAD_ACCUM_STEPS)
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.WARMUP_EPOCHS * steps_per_epoch,
                                                 cfg.EPOCHS * steps_per_epoch)
     scaler = grad_scaler(device, amp)
@@ -937,17 +1054,21 @@ def train_student(student: nn.Module, data: dict[str, Split], cfg, names: dict, 
     if ema:
         parts["ema"] = ema
     checkpoint, settings = results / "checkpoint.pt", checkpoint_settings(cfg, meta, device, amp)
-    progress = (cfg.resume and load_checkpoint(checkpoint, parts, generator, settings, device)) or dict(
+    done = (cfg.resume and load_checkpoint(checkpoint, parts, generator, settings, device)) or dict(
         epoch=0, rows=[header], best=dict(score=-1.0, epoch=0))
-    rows, best = progress["rows"], progress["best"]
-    for epoch in range(progress["epoch"] + 1, cfg.EPOCHS + 1):
+    rows, best, model = done["rows"], done["best"], None
+    for epoch in range(done["epoch"] + 1, cfg.EPOCHS + 1):
         start = time.time()
         frozen = epoch <= cfg.FREEZE_EPOCHS
         if student.embedding.weight.requires_grad == frozen:
             set_embedding_frozen(student, frozen)
             tqdm.write(f"epoch {epoch}: token embedding {'frozen' if frozen else 'unfrozen'}")
-        loss = train_epoch(student, data["train"], optimizer, scheduler, scaler, cfg, device, amp, generator, adapters,
-                           ema)
+            model = None  # DistributedDataParallel takes the parameters that need gradients when it is built
+        if model is None:
+            model = parallel(distiller, device)
+        loss = train_epoch(model, data["train"], optimizer, scheduler, scaler, cfg, device, amp, generator, ema)
+        if rank > 0:
+            continue
         lr = optimizer.param_groups[0]["lr"]  # where the schedule stands at the end of the epoch
         dev = evaluate_logits(predict(evaluated, data["dev"], device), data["dev"], names)
         m, loc = dev["modality"], dev["location"]
@@ -998,6 +1119,14 @@ class MovingAverage:
     def load_state_dict(self, state: dict) -> None:
         self.module.load_state_dict(state["module"])
         self.steps = state["steps"]
+
+
+def parallel(distiller: Distiller, device: torch.device) -> nn.Module:
+    """The distiller in DistributedDataParallel under torchrun, which averages the gradients of all processes
+    at every optimizer step; the distiller itself otherwise."""
+    if rank_and_world()[1] == 1:
+        return distiller
+    return DistributedDataParallel(distiller, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def adamw(parameters: list, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
@@ -1103,7 +1232,8 @@ def compress(student: nn.Module, data: dict[str, Split], cfg, meta: dict, device
     scaler, generator = grad_scaler(device, amp), torch.Generator().manual_seed(cfg.SEED + 1)
     pruned = best = check("pruned", 0) | dict(epoch=0, state=copy.deepcopy(student.state_dict()))
     for epoch in range(1, cfg.PRUNE_FINETUNE_EPOCHS + 1):
-        train_epoch(student, data["train"], optimizer, None, scaler, cfg, device, amp, generator)
+        train_epoch(Distiller(student, nn.ModuleDict(), cfg.IMAGE_ONLY_LOSS > 0), data["train"], optimizer, None,
+                    scaler, cfg, device, amp, generator)
         result = check("recovery", epoch)
         if result["score"] > best["score"]:
             best = result | dict(epoch=epoch, state=copy.deepcopy(student.state_dict()))
@@ -1374,8 +1504,8 @@ def make_demo_data(root: Path, seed: int, sizes: dict[str, int] = None) -> None:
             for image_no in range(3):
                 modality, name = rng.choice(("CT", "MR")), f"{uid}_synpic{image_no}"
                 images[modality].append(name)
-                demo_image(rng, modality, location).convert(rng.choice(("RGB", "RGBA", "L"))).save(
-                    root / "images" / f"{name}.png")
+                image = demo_image(rng, modality, location).convert(rng.choice(("RGB", "RGBA", "L")))
+                atomic_write(root / "images" / f"{name}.png", lambda tmp: image.save(tmp, format="PNG"))
                 descriptions.append({"Type": modality, "U_id": uid, "image": name, "Description": {
                     "Caption": demo_caption(rng, modality, location), "Modality": f"{modality} - demo",
                     "Plane": "Axial", "Age": str(rng.randint(5, 90))},
@@ -1401,14 +1531,26 @@ def make_demo_teachers(vision_dir: Path, text_dir: Path, seed: int) -> None:
     wordpiece.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=wordpiece, **dict(zip(
         ("pad_token", "unk_token", "cls_token", "sep_token", "mask_token"), specials)))
-    tokenizer.save_pretrained(text_dir)
-    DistilBertModel(DistilBertConfig(vocab_size=len(tokenizer), dim=64, n_layers=2, n_heads=2, hidden_dim=128,
-                                     max_position_embeddings=256)).save_pretrained(text_dir)
+    text = DistilBertModel(DistilBertConfig(vocab_size=len(tokenizer), dim=64, n_layers=2, n_heads=2, hidden_dim=128,
+                                            max_position_embeddings=256))
+    save_pretrained_whole(text_dir, tokenizer, text)
     tiny = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
     clip = CLIPModel(CLIPConfig(text_config=dict(tiny, vocab_size=99, bos_token_id=0, eos_token_id=1, pad_token_id=1),
                                 vision_config=dict(tiny, image_size=32, patch_size=8), projection_dim=32))
-    clip.save_pretrained(vision_dir)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(vision_dir)
+    save_pretrained_whole(vision_dir, clip, CLIPImageProcessor(size={"shortest_edge": 32},
+                                                               crop_size={"height": 32, "width": 32}))
+
+
+def save_pretrained_whole(folder: Path, *parts) -> None:
+    """save_pretrained of every part into folder, each file renamed into place whole, so that a run reading the
+    folder meanwhile (two demo runs started together) never sees a half-written file."""
+    import tempfile
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}-") as tmp:
+        for part in parts:
+            part.save_pretrained(tmp)
+        for file in Path(tmp).iterdir():
+            os.replace(file, folder / file.name)
 
 
 # -----------------------------------------------------------------------------
@@ -1434,41 +1576,51 @@ def main(argv: list[str] | None = None) -> dict | list[dict]:
     if argv[:1] == ["predict"]:
         return predict_images(argv[1:])
     cfg = parse_config(argv)
+    device, rank = start_processes(cfg)
     try:
-        return run(cfg, argv)
+        with open(os.devnull, "w") if rank > 0 else nullcontext(sys.stdout) as out, redirect_stdout(out):
+            return run(cfg, argv, device)  # under torchrun, process 0 alone prints
     except KeyboardInterrupt:
         checkpoint = Path(cfg.RESULTS_DIR) / "checkpoint.pt"
         resume = shlex.join(["python", "light-weight-vlm.py", *[a for a in argv if a != "--resume"], "--resume"])
-        print(f"\ninterrupted. Finished stages are kept (caches in {cfg.CACHE_DIR}/" +
-              (f", finished epochs in {checkpoint}" if checkpoint.exists() else "") + f"); continue with: {resume}",
-              file=sys.stderr)
+        if rank == 0:
+            print(f"\ninterrupted. Finished stages are kept (caches in {cfg.CACHE_DIR}/" +
+                  (f", finished epochs in {checkpoint}" if checkpoint.exists() else "") + f"); continue with: {resume}",
+                  file=sys.stderr)
         raise SystemExit(130)  # the shell's code for a run stopped by Ctrl-C
+    except RuntimeError as e:  # in the other processes, mostly a collective that lost a process that stopped
+        if rank == 0:
+            raise
+        fail(f"process {rank} stopped: {str(e).strip().splitlines()[0][:300]}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
-def run(cfg, argv: list[str]) -> dict:
-    """Every stage, from data to report."""
+def run(cfg, argv: list[str], device: torch.device) -> dict:
+    """Every stage, from data to report. Under torchrun the other processes stop after training, and
+    return an empty dict."""
     marks = [("start", time.time())]  # (stage, when it ended), for the report
     random.seed(cfg.SEED)
     np.random.seed(cfg.SEED)
     torch.manual_seed(cfg.SEED)
-    device = resolve_device(cfg.DEVICE)
     amp = resolve_amp(cfg.AMP_DTYPE, device)
     torch.backends.cudnn.benchmark = True  # fixed image shapes: let cuDNN pick its fastest convolutions once
     root, cache_dir = Path(cfg.DATA_ROOT), Path(cfg.CACHE_DIR)
-    if cfg.demo:
-        make_demo_data(root, cfg.SEED)
-        make_demo_teachers(Path(cfg.VISION_TEACHER), Path(cfg.TEXT_TEACHER), cfg.SEED)
+    skipped, images = Counter(), {}
+    with rank_zero_first():  # under torchrun process 0 makes the demo files and decodes, the others read its cache
+        if cfg.demo and rank_and_world()[0] == 0:
+            make_demo_data(root, cfg.SEED)
+            make_demo_teachers(Path(cfg.VISION_TEACHER), Path(cfg.TEXT_TEACHER), cfg.SEED)
 
-    # data
-    check_layout(root)
-    skipped = Counter()
-    splits = {s: load_split(root, s, skipped) for s in SPLITS if all(p.exists() for p in split_files(root, s))}
-    images = {}
-    for split, samples in splits.items():
-        images.update(load_images(samples, cfg.IMAGE_SIZE, cache_dir, skipped))
-        splits[split] = [s for s in samples if s["image_key"]]
-        if not splits[split]:
-            fail(f"split '{split}' has no sample with a readable image")
+        # data
+        check_layout(root)
+        splits = {s: load_split(root, s, skipped) for s in SPLITS if all(p.exists() for p in split_files(root, s))}
+        for split, samples in splits.items():
+            images.update(load_images(samples, cfg.IMAGE_SIZE, cache_dir, skipped))
+            splits[split] = [s for s in samples if s["image_key"]]
+            if not splits[split]:
+                fail(f"split '{split}' has no sample with a readable image")
     names = {task: label_names(splits["train"], task) for task in TASKS}
     n_classes = (len(names["modality"]), len(names["location"]))
     print("data: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) +
@@ -1516,6 +1668,8 @@ def run(cfg, argv: list[str]) -> dict:
                 max_tokens=cfg.MAX_TOKENS, image_size=cfg.IMAGE_SIZE, normalization=(NORM_MEAN, NORM_STD),
                 quantized=False)
     best = train_student(student, data, cfg, names, meta, device, amp)
+    if rank_and_world()[0] > 0:
+        return {}
     print(f"best dev mean macro-F1 {best['score']:.4f} at epoch {best['epoch']}")
     marks.append(("distillation", time.time()))
 

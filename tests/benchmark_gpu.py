@@ -53,7 +53,8 @@ def training_loop(lvm, n: int = 1653, vocab: int = 4053) -> dict:
     optimizer = lvm.adamw([*student.parameters(), *adapters.parameters()], cfg.LR, cfg.WEIGHT_DECAY, device)
     ema, scaler = lvm.MovingAverage(student, cfg.EMA_DECAY), lvm.grad_scaler(device, amp)
     generator = torch.Generator().manual_seed(0)
-    epoch = lambda: lvm.train_epoch(student, data, optimizer, None, scaler, cfg, device, amp, generator, adapters, ema)
+    distiller = lvm.Distiller(student, adapters, image_only=True)
+    epoch = lambda: lvm.train_epoch(distiller, data, optimizer, None, scaler, cfg, device, amp, generator, ema)
     for _ in range(2):
         epoch()
     seconds = []

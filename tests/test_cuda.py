@@ -90,7 +90,8 @@ def test_a_training_epoch_does_not_wait_for_the_gpu(lvm, amp):
     optimizer = lvm.adamw([*student.parameters(), *adapters.parameters()], 1e-3, 0.05, CUDA)
     ema, scaler = lvm.MovingAverage(student, 0.99), lvm.grad_scaler(CUDA, amp)
     generator = torch.Generator().manual_seed(0)
-    train = lambda: lvm.train_epoch(student, data, optimizer, None, scaler, cfg, CUDA, amp, generator, adapters, ema)
+    distiller = lvm.Distiller(student, adapters, image_only=True)
+    train = lambda: lvm.train_epoch(distiller, data, optimizer, None, scaler, cfg, CUDA, amp, generator, ema)
     train()  # warm-up: cuDNN's first calls choose algorithms
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:

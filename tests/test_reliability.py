@@ -355,3 +355,30 @@ def test_changed_text_or_teacher_recomputes_only_what_changed(lvm, tmp_path, mon
     teacher["text"].save_pretrained(tmp_path / "other")
     changed = lvm.teacher_features(samples, teacher, other, cpu, None)["text"]
     assert computed[2] == ["ct of the head", "mri of the spine"] and not torch.equal(changed, second)
+
+
+def test_a_store_saved_by_another_process_meanwhile_keeps_its_entries(lvm, tmp_path):
+    path = tmp_path / "store.pt"
+
+    def compute(keys):  # meanwhile, another run saves its own entry to the same store
+        torch.save({"theirs": torch.tensor(7.0)}, path)
+        return {k: torch.tensor(1.0) for k in keys}
+
+    store = lvm.cached(path, ["a", "b"], compute, save_every=1)
+    assert set(store) == {"a", "b", "theirs"}
+    assert set(torch.load(path, weights_only=True)) == {"a", "b", "theirs"}
+
+
+def test_two_runs_started_at_once_in_one_folder_both_finish(lvm, tmp_path):
+    """Two demo runs sharing the data, teacher and cache folders, as in a small sweep (once: a crash when both
+    renamed the same temporary cache file)."""
+    runs = [start_demo(tmp_path, "--RESULTS_DIR", f"results{i}", "--LOG_DIR", f"logs{i}") for i in (1, 2)]
+    for process in runs:
+        code, _, err = finish(process)
+        assert code == 0, err
+    metrics = [json.loads((tmp_path / f"results{i}" / "metrics.json").read_text()) for i in (1, 2)]
+    assert [m.pop("seconds") > 0 for m in metrics] == [True, True] and metrics[0] == metrics[1]  # same seed, same run
+    assert not list(tmp_path.rglob(".*.tmp")) and not list((tmp_path / "cache" / "demo").glob(".*"))
+    for store in (tmp_path / "cache").glob("*.pt"):
+        entries = torch.load(store, weights_only=True)
+        assert len(entries) == (318 if store.name.startswith(("images-", "vision-")) else len(entries)) > 0, store
