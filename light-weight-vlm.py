@@ -433,14 +433,14 @@ def cached(path: Path, keys: list[str], compute: Callable[[list[str]], dict[str,
     what other processes saved to the store meanwhile, so that runs sharing a cache keep each other's entries
     (two saves that cross lose at most the one's latest entries, which the next run computes again). With
     shard, under torchrun: every process computes its share of each chunk, all processes receive every
-    share, and process 0 alone saves."""
+    share, and process 0 alone saves; what is missing is process 0's view, so that all run the same rounds."""
     rank, world = rank_and_world() if shard else (0, 1)
-    if world > 1:
-        dist.barrier()  # process 0 has finished its last save (of another split, say) before any reads
     store = read_store(path)
-    if world > 1:
-        dist.barrier()  # all have read the store before process 0 saves to it again: all agree on what is missing
     missing = [k for k in dict.fromkeys(keys) if k not in store]
+    if world > 1:
+        shared = [missing]
+        dist.broadcast_object_list(shared, src=0)
+        missing = shared[0]
     for i in range(0, len(missing), save_every):
         computed = compute(missing[i:i + save_every][rank::world])
         if world > 1:
@@ -448,9 +448,13 @@ def cached(path: Path, keys: list[str], compute: Callable[[list[str]], dict[str,
             dist.all_gather_object(shares, computed)
             computed = {k: v for share in shares for k, v in share.items()}
         store.update(computed)
-        if rank == 0:
+        if rank == 0 and computed:
             store = read_store(path) | store
             save_torch(path, store)
+    if world > 1:
+        dist.barrier()  # process 0 has saved: a process whose first read missed an entry finds it now
+        if any(k not in store for k in keys):
+            store = read_store(path) | store
     return store
 
 
@@ -492,15 +496,18 @@ def load_images(samples: list[dict], size: int, cache_dir: Path, skipped: Counte
 
 def decoded_images(paths: dict[str, str], size: int, cache_dir: Path, skipped: Counter) -> dict[str, torch.Tensor]:
     """The images at paths (keyed by their content), decoded at size x size, from the cache or decoded now."""
-    def compute(keys):
-        decoded = {}
-        for key in progress(keys, f"decoding images at {size} px"):
-            try:
-                decoded[key] = decode_image(paths[key], size)
-            except IMAGE_ERRORS as e:
-                warn_skip(skipped, "image unreadable", f"{paths[key]}: {e}")
-        return decoded
-    return cached(cache_dir / f"images-{settings_key(size=size, resize='antialias-v1')}.pt", list(paths), compute)
+    return cached(cache_dir / f"images-{settings_key(size=size, resize='antialias-v1')}.pt", list(paths),
+                  lambda keys: decode_all({k: paths[k] for k in keys}, size, skipped))
+
+
+def decode_all(paths: dict[str, str], size: int, skipped: Counter) -> dict[str, torch.Tensor]:
+    decoded = {}
+    for key, path in progress(paths.items(), f"decoding images at {size} px"):
+        try:
+            decoded[key] = decode_image(path, size)
+        except IMAGE_ERRORS as e:
+            warn_skip(skipped, "image unreadable", f"{path}: {e}")
+    return decoded
 
 
 @dataclasses.dataclass
@@ -589,7 +596,8 @@ def batched_features(keys: list[str], inputs: dict, extract: Callable, batch_siz
 def teacher_features(samples: list[dict], teacher: dict, cfg, device: torch.device, amp: torch.dtype | None) -> dict:
     """Frozen backbone features per sample and tower ('image', 'text'), computed once and cached by
     content, teacher, and the device type and precision that computed them. The vision tower reads
-    its own decode of each image at its processor's size (224 px for CLIP), not the student's smaller copy."""
+    its own decode of each image at its processor's size (224 px for CLIP), not the student's smaller copy;
+    that decode is not cached, since the features it makes are (and it would be 4 times the student's)."""
     cache_dir = Path(cfg.CACHE_DIR)
     precision = f"{device.type}-{amp_name(amp)}"
     parts = {}
@@ -599,7 +607,7 @@ def teacher_features(samples: list[dict], teacher: dict, cfg, device: torch.devi
         key = settings_key(model=model_identity(cfg.VISION_TEACHER), size=size, pooling="clip-projection",
                            precision=precision)
         store = cached(cache_dir / f"vision-{key}.pt", list(paths), lambda keys: batched_features(
-            keys, decoded_images({k: paths[k] for k in keys}, size, cache_dir, Counter()),
+            keys, decode_all({k: paths[k] for k in keys}, size, Counter()),
             lambda x: image_features(clip, processor, torch.stack(x), device, amp), cfg.TEACHER_BATCH_SIZE,
             "vision teacher"), shard=True)
         parts["image"] = torch.stack([store[s["image_key"]] for s in samples])
@@ -1582,7 +1590,8 @@ def main(argv: list[str] | None = None) -> dict | list[dict]:
             return run(cfg, argv, device)  # under torchrun, process 0 alone prints
     except KeyboardInterrupt:
         checkpoint = Path(cfg.RESULTS_DIR) / "checkpoint.pt"
-        resume = shlex.join(["python", "light-weight-vlm.py", *[a for a in argv if a != "--resume"], "--resume"])
+        launcher = ["torchrun", "--nproc_per_node", os.environ["LOCAL_WORLD_SIZE"]] if dist.is_initialized() else ["python"]
+        resume = shlex.join([*launcher, "light-weight-vlm.py", *[a for a in argv if a != "--resume"], "--resume"])
         if rank == 0:
             print(f"\ninterrupted. Finished stages are kept (caches in {cfg.CACHE_DIR}/" +
                   (f", finished epochs in {checkpoint}" if checkpoint.exists() else "") + f"); continue with: {resume}",
@@ -1606,10 +1615,11 @@ def run(cfg, argv: list[str], device: torch.device) -> dict:
     torch.manual_seed(cfg.SEED)
     amp = resolve_amp(cfg.AMP_DTYPE, device)
     torch.backends.cudnn.benchmark = True  # fixed image shapes: let cuDNN pick its fastest convolutions once
+    torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32 (evaluation above all), not TF32 on Ampere and newer
     root, cache_dir = Path(cfg.DATA_ROOT), Path(cfg.CACHE_DIR)
     skipped, images = Counter(), {}
     with rank_zero_first():  # under torchrun process 0 makes the demo files and decodes, the others read its cache
-        if cfg.demo and rank_and_world()[0] == 0:
+        if cfg.demo:  # every process, so that all draw the same random numbers after it (each file is renamed whole)
             make_demo_data(root, cfg.SEED)
             make_demo_teachers(Path(cfg.VISION_TEACHER), Path(cfg.TEXT_TEACHER), cfg.SEED)
 
@@ -1642,8 +1652,9 @@ def run(cfg, argv: list[str], device: torch.device) -> dict:
             for split, d in data.items()}
     metrics = {"teacher": {s: summary(evaluate_logits(teacher_logits[s], data[s], names)) for s in data}}
     columns = list(metrics["teacher"]["dev"])
-    write_csv(Path(cfg.LOG_DIR) / "teacher.csv", [["split", *columns]] +
-              [[split, *values.values()] for split, values in metrics["teacher"].items()])
+    if rank_and_world()[0] == 0:
+        write_csv(Path(cfg.LOG_DIR) / "teacher.csv", [["split", *columns]] +
+                  [[split, *values.values()] for split, values in metrics["teacher"].items()])
     print("teacher dev: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics["teacher"]["dev"].items()))
     marks.append(("teacher", time.time()))
 

@@ -64,15 +64,22 @@ def training_loop(lvm, n: int = 1653, vocab: int = 4053) -> dict:
         epoch()
         torch.cuda.synchronize()
         seconds.append(time.perf_counter() - start)
+    return dict(precision=lvm.amp_name(amp), images_per_s=n / statistics.median(seconds),
+                steps=-(-n // cfg.BATCH_SIZE), syncs=len(host_syncs(epoch)))
+
+
+def host_syncs(run) -> list[str]:
+    """What the host waited for on the GPU while run() ran (cudaStreamSynchronize, .item() and the like), as
+    torch.cuda.set_sync_debug_mode reports it."""
+    torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            epoch()
+            run()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    return dict(precision=lvm.amp_name(amp), images_per_s=n / statistics.median(seconds),
-                steps=-(-n // cfg.BATCH_SIZE), syncs=sum("synchroniz" in str(w.message) for w in caught))
+    return [str(w.message) for w in caught if "synchroniz" in str(w.message)]
 
 
 def whole_run(out: Path, name: str) -> dict:

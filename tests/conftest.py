@@ -47,11 +47,11 @@ def read_csv(path: Path) -> list[list[str]]:
         return list(csv.reader(f))
 
 
-def demo_dev_data(lvm, workdir: Path, meta: dict) -> dict:
-    """The demo dev split of a run in workdir, prepared as a saved student reads it."""
+def demo_dev_data(lvm, workdir: Path, meta: dict, split: str = "dev"):
+    """The demo dev (or another) split of a run in workdir, prepared as a saved student reads it."""
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(workdir / meta["tokenizer"])
-    samples = lvm.load_split(workdir / lvm.DEMO["DATA_ROOT"], "dev", Counter())
+    samples = lvm.load_split(workdir / lvm.DEMO["DATA_ROOT"], split, Counter())
     images = lvm.load_images(samples, meta["image_size"], workdir / "cache", Counter())
-    return lvm.prepare_split(samples, images, tokenizer, meta["vocab"], meta["labels"], "dev",
+    return lvm.prepare_split(samples, images, tokenizer, meta["vocab"], meta["labels"], split,
                              lvm.parse_config(["--demo"]))

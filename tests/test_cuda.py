@@ -5,11 +5,11 @@ autocast, and a training epoch that never waits for the GPU. tests/gpu_check.sh 
 import json
 import os
 import signal
-import warnings
 
 import pytest
 import torch
 
+from benchmark_gpu import host_syncs
 from conftest import demo_dev_data, read_csv
 from test_reliability import finish, start_demo, stop_message, wait_for_epochs
 
@@ -55,13 +55,16 @@ def test_files_written_on_cuda_load_on_the_cpu_and_agree_with_the_gpu(lvm, cuda_
         saved = torch.load(results / name, weights_only=False)  # no map_location: CUDA tensors would land on the GPU
         assert all(t.device.type == "cpu" for t in tensors(saved)), name
     model, meta = lvm.load_student(results / "lightweight_vlm.pth")
-    data = demo_dev_data(lvm, workdir, meta)
-    on_cpu = [lg.argmax(1) for lg in lvm.predict(model, data, CPU)]
-    on_gpu = [lg.argmax(1) for lg in lvm.predict(model.to(CUDA), data, CUDA)]
-    for task, a, b in zip(lvm.TASKS, on_cpu, on_gpu):
+    labels = {}
+    for device in (CPU, CUDA):  # dev and test: 120 images, so that 99 % leaves room for one near-tie
+        logits = [lvm.predict(model.to(device), demo_dev_data(lvm, workdir, meta, split), device)
+                  for split in ("dev", "test")]
+        labels[device.type] = [torch.cat([lg[task].argmax(1) for lg in logits]) for task in range(len(lvm.TASKS))]
+    for task, a, b in zip(lvm.TASKS, labels["cpu"], labels["cuda"]):
         assert (a == b).float().mean() >= 0.99, task
-    # int8 (on the CPU) against the pruned float model it was made from, whose labels the run computed on the GPU
-    assert all(v >= 0.99 for v in metrics["int8_agreement"]["pruned_float"].values()), metrics["int8_agreement"]
+    # int8 (on the CPU) against the pruned float model it was made from, whose dev labels the run computed on the
+    # GPU: 60 images, of which one may flip at a near-tie (98.3 %); MedPix's 197 dev images gave 99.5 % on the CPU
+    assert all(v >= 0.98 for v in metrics["int8_agreement"]["pruned_float"].values()), metrics["int8_agreement"]
 
 
 def test_lstm_runs_in_fp32_under_autocast(lvm):
@@ -93,18 +96,8 @@ def test_a_training_epoch_does_not_wait_for_the_gpu(lvm, amp):
     distiller = lvm.Distiller(student, adapters, image_only=True)
     train = lambda: lvm.train_epoch(distiller, data, optimizer, None, scaler, cfg, CUDA, amp, generator, ema)
     train()  # warm-up: cuDNN's first calls choose algorithms
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            train()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    syncs = [w for w in caught if "synchroniz" in str(w.message)]
-    steps = n // cfg.BATCH_SIZE
-    print(f"\nhost syncs in one epoch of {steps} steps ({lvm.amp_name(amp)}): {len(syncs)}")
-    assert len(syncs) <= 8, [str(w.message)[:120] for w in syncs[:3]]
+    syncs = host_syncs(train)
+    assert len(syncs) <= 8, (f"{len(syncs)} host syncs in an epoch of {n // cfg.BATCH_SIZE} steps", syncs[:3])
 
 
 def test_killed_on_cuda_then_resumed_finishes_each_epoch_once(lvm, tmp_path):

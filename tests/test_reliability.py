@@ -223,10 +223,10 @@ def test_skips_are_counted_printed_and_stored_by_a_whole_run(lvm, tmp_path, caps
 # interrupted runs and repeatability -------------------------------------------------------
 
 
-def start_demo(workdir: Path, *extra: str, device: str = "cpu") -> subprocess.Popen:
+def start_demo(workdir: Path, *extra: str, device: str = "cpu", env: dict | None = None) -> subprocess.Popen:
     workdir.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen([sys.executable, str(SCRIPT), "--demo", "--DEVICE", device, *extra], cwd=workdir,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def finish(process: subprocess.Popen) -> tuple[int, str, str]:
@@ -372,7 +372,8 @@ def test_a_store_saved_by_another_process_meanwhile_keeps_its_entries(lvm, tmp_p
 def test_two_runs_started_at_once_in_one_folder_both_finish(lvm, tmp_path):
     """Two demo runs sharing the data, teacher and cache folders, as in a small sweep (once: a crash when both
     renamed the same temporary cache file)."""
-    runs = [start_demo(tmp_path, "--RESULTS_DIR", f"results{i}", "--LOG_DIR", f"logs{i}") for i in (1, 2)]
+    one_thread = dict(os.environ, OMP_NUM_THREADS="1")  # two runs on two cores
+    runs = [start_demo(tmp_path, "--RESULTS_DIR", f"results{i}", "--LOG_DIR", f"logs{i}", env=one_thread) for i in (1, 2)]
     for process in runs:
         code, _, err = finish(process)
         assert code == 0, err
