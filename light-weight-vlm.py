@@ -7,25 +7,28 @@ Run every stage on built-in synthetic data (no download, ~15 s on 2 CPU cores):
     python light-weight-vlm.py --demo
 Run on MedPix 2.0 (layout: DATA_ROOT/images/*.png, DATA_ROOT/splitted_dataset/*.jsonl):
     python light-weight-vlm.py --DATA_ROOT ../shared/medpix/MedPix-2-0
-Classify images with a saved student (the int8 .pt or the float .pth), one JSON line each:
-    python light-weight-vlm.py predict --model results/lightweight_vlm_int8.pt --image a.png b.png --text "..."
+Classify images with a saved student (.onnx in ONNX Runtime, .pt or .pth in PyTorch), one JSON line each:
+    python light-weight-vlm.py predict --model results/lightweight_vlm_int8.onnx --image a.png b.png --text "..."
 On several GPUs (or CPU processes), one process each, with torchrun; --nnodes for several machines:
     torchrun --standalone --nproc_per_node 8 light-weight-vlm.py --DATA_ROOT ...
 Any constant in the CONFIG block can be overridden on the command line by its own name:
     python light-weight-vlm.py --EPOCHS 3 --VISION_TEACHER None --TEXT_TEACHER path/to/bert
 Stages: data -> teacher features (cached) -> teacher heads -> distillation -> pruning and
-int8 quantization -> evaluation -> pictures and report. Outputs: logs/teacher.csv,
-logs/training_log.csv, logs/confusion_*_epoch_<n>.csv, results/lightweight_vlm.pth,
-results/lightweight_vlm_int8.pt, results/metrics.json, results/learning_curves.png,
-results/confusion_{modality,location}.png, results/report.md.
+int8 quantization (torch.ao and ONNX Runtime) -> evaluation -> CPU speed -> pictures and report.
+Outputs: logs/teacher.csv, logs/training_log.csv, logs/confusion_*_epoch_<n>.csv, logs/pruning.csv,
+results/lightweight_vlm.{pth,onnx}, results/lightweight_vlm_int8.{pt,onnx}, results/checkpoint.pt,
+results/metrics.json, results/learning_curves.png, results/confusion_{modality,location}.png, results/report.md.
+Every model file carries its labels and tokenizer, and opening one never runs code from it.
 """
 
 import argparse
 import ast
+import base64
 import copy
 import csv
 import dataclasses
 import datetime
+import gzip
 import hashlib
 import json
 import math
@@ -34,6 +37,7 @@ import random
 import secrets
 import shlex
 import sys
+import tempfile
 import time
 import warnings
 from collections import Counter
@@ -105,6 +109,7 @@ PRUNE_AMOUNT = 0.3  # fraction of conv and linear weights zeroed by global L1 ma
 PRUNE_FINETUNE_EPOCHS = 2  # recovery fine-tune with the masks applied; dev picks the epoch (or none)
 PRUNE_LR = 2e-4
 CALIBRATION_IMAGES = 256  # train images whose activations set the int8 ranges of the convolutions
+SPEED_REPEATS = 30  # timed batch-1 runs per model in the CPU speed check (1 thread; batch 32: a tenth of them)
 # system
 DEVICE = "auto"  # auto: cuda when available, else cpu; or cpu, cuda, cuda:N
 AMP_DTYPE = "auto"  # autocast dtype of the teacher pass and of training (evaluation is always fp32). auto: bf16 on a
@@ -120,6 +125,7 @@ DEMO = dict(
     EPOCHS=8,
     FREEZE_EPOCHS=2,
     HEAD_EPOCHS=150,
+    SPEED_REPEATS=3,
 )
 # -----------------------------------------------------------------------------
 
@@ -760,6 +766,40 @@ def tokenize(tokenizer, texts: list[str], max_tokens: int, vocab: list[int]) -> 
     return lookup[ids], mask
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
+
+def pack_tokenizer(tokenizer) -> bytes:
+    """The student's tokenizer as gzip'ed JSON of its files, carried in every model file so that the file reads
+    text on its own. A BERT word-piece tokenizer goes as vocab.txt and its settings (113 kB for DistilBERT's
+    30,522 pieces, where its tokenizer.json would take 208 kB); any other as what save_pretrained writes."""
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        files = {p.name: p.read_text(encoding="utf-8") for p in Path(folder).iterdir() if p.name in TOKENIZER_FILES}
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    settings = json.loads(files.get("tokenizer_config.json", "{}"))
+    if type(getattr(backend, "model", None)).__name__ == "WordPiece" and "Bert" in str(settings.get("tokenizer_class")):
+        vocab = tokenizer.get_vocab()
+        files = {"tokenizer_config.json": files["tokenizer_config.json"],
+                 "vocab.txt": "".join(f"{piece}\n" for piece in sorted(vocab, key=vocab.get))}
+    return gzip.compress(json.dumps(files, sort_keys=True).encode(), 9, mtime=0)
+
+
+def unpack_tokenizer(packed: bytes):
+    """The tokenizer that pack_tokenizer packed. Only tokenizer files are written, into a temporary folder,
+    and no code is loaded (trust_remote_code stays off)."""
+    from transformers import AutoTokenizer
+    files = json.loads(gzip.decompress(packed))
+    if not isinstance(files, dict) or not set(files) <= set(TOKENIZER_FILES):
+        raise ValueError(f"unexpected tokenizer files {sorted(files)[:5]}")
+    with tempfile.TemporaryDirectory() as folder:
+        for name, text in files.items():
+            (Path(folder) / name).write_text(text, encoding="utf-8")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return AutoTokenizer.from_pretrained(folder)
+
+
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """uint8 images to the student's input: [0, 1], then standardised by NORM_MEAN and NORM_STD."""
     return v2.functional.normalize(images.float() / 255, NORM_MEAN, NORM_STD)
@@ -996,8 +1036,10 @@ def save_checkpoint(path: Path, parts: dict, generator: torch.Generator, progres
                     device: torch.device) -> None:
     """Everything the next epoch depends on: every part's state, every random generator, the log so far.
     Tensors are saved on the CPU; of the GPUs, only the training device's generator is kept."""
-    rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
-               generator=generator.get_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+    name, keys, *rest = np.random.get_state()
+    rng = dict(python=random.getstate(), numpy=(name, torch.from_numpy(keys.astype(np.int64)), *rest),  # no numpy array
+               torch=torch.get_rng_state(), generator=generator.get_state(),
+               cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
     checkpoint = {name: part.state_dict() for name, part in parts.items()} | dict(
         progress=progress, rng=rng, settings=settings)
     save_torch(path, on_cpu(checkpoint))
@@ -1010,8 +1052,8 @@ def load_checkpoint(path: Path, parts: dict, generator: torch.Generator, setting
         print(f"resume: no checkpoint at {path}, training from the first epoch")
         return None
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)  # our own file: it holds RNG states
-    except Exception as e:  # truncated or not ours: say so rather than train on garbage
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values: runs no code
+    except Exception as e:  # truncated, not ours, or holding code: say so rather than train on garbage
         fail(f"{path}: unreadable checkpoint ({type(e).__name__}); delete it to train from the first epoch")
     changed = sorted(k for k in settings.keys() | checkpoint["settings"].keys()
                      if settings.get(k) != checkpoint["settings"].get(k))
@@ -1024,7 +1066,8 @@ def load_checkpoint(path: Path, parts: dict, generator: torch.Generator, setting
         part.load_state_dict(checkpoint[name])
     rng = checkpoint["rng"]
     random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
+    name, keys, *rest = rng["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(rng["torch"])
     generator.set_state(rng["generator"])
     if rng["cuda"] is not None:  # the settings match, so this run is on a GPU too
@@ -1203,15 +1246,161 @@ def quantize_int8(model: nn.Module, calibration: torch.Tensor | None) -> nn.Modu
         return tq.quantize_dynamic(model, dynamic)
 
 
+def int8_contents(int8: nn.Module) -> dict:
+    """The int8 student's state in tensors alone, which torch.load(weights_only=True) reads without unpickling
+    code: torch.ao keeps its int8 LSTM in objects that only a full unpickling restores, so the LSTM's int8
+    weights and float biases are saved apart, as tensors, and packed again at load (set_weight_bias)."""
+    state = int8.state_dict()
+    for key in [k for k in state if k.startswith("lstm.")]:
+        del state[key]
+    lstm = int8.lstm._weight_bias()
+    return dict(state_dict=state, lstm={**lstm["weight"], **{k: b.detach() for k, b in lstm["bias"].items()}})
+
+
 def load_student(path: str | Path) -> tuple[nn.Module, dict]:
-    """Rebuild a float (.pth) or int8 (.pt) student from its file alone."""
+    """Rebuild a float (.pth) or int8 (.pt) student from its file alone. The file is read with
+    weights_only=True: tensors and plain values only, so opening it never runs code from it."""
     with quiet_quantization():
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)  # our own file: it holds packed int8 params
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         model = Student(**checkpoint["student"])
+        state = checkpoint["state_dict"]
         if checkpoint["quantized"]:
             model = quantize_int8(model, calibration=None)
-        model.load_state_dict(checkpoint["state_dict"])
+            model.lstm.set_weight_bias(checkpoint["lstm"])
+            state.update((k, v) for k, v in model.state_dict().items() if k.startswith("lstm."))  # the packed LSTM
+        model.load_state_dict(state)
     return model.eval(), checkpoint
+
+
+ONNX_INPUTS = ("images", "ids", "mask")  # normalised N x 3 x S x S floats, N x T token ids, N x T attention mask
+
+
+def export_onnx(model: nn.Module, path: Path, meta: dict, calibration: Split | None = None) -> None:
+    """The student as ONNX, batch and text length free, with everything predict needs in its metadata (labels,
+    vocabulary, packed tokenizer, image size, normalisation), so that the file runs on its own in ONNX Runtime.
+    With calibration samples: int8 by ONNX Runtime's own quantizer (quantize_onnx). The exporter is the
+    TorchScript one: it turns the packed bidirectional LSTM into one ONNX LSTM with sequence lengths, which the
+    dynamo exporter cannot trace."""
+    import onnx
+    size = meta["image_size"]
+    example = (torch.zeros(2, 3, size, size), torch.zeros(2, 8, dtype=torch.long), torch.ones(2, 8, dtype=torch.long))
+    free = {"images": {0: "batch"}, "ids": {0: "batch", 1: "tokens"}, "mask": {0: "batch", 1: "tokens"}} | {
+        task: {0: "batch"} for task in TASKS}
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings(), stderr_dropped():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        exported = Path(folder) / "float.onnx"
+        torch.onnx.export(copy.deepcopy(model).cpu().eval(), example, str(exported), dynamo=False, opset_version=17,
+                          input_names=list(ONNX_INPUTS), output_names=list(TASKS), dynamic_axes=free)
+        proto = onnx.load(str(quantize_onnx(exported, calibration) if calibration is not None else exported))
+    entry = proto.metadata_props.add()
+    entry.key = "light_weight_vlm"
+    entry.value = json.dumps({key: meta[key] for key in ("student", "labels", "tokenizer", "vocab", "data", "max_tokens",
+                                                         "image_size", "normalization")} |
+                             dict(quantized=calibration is not None,
+                                  tokenizer_files=base64.b64encode(meta["tokenizer_files"]).decode()))
+    atomic_write(path, lambda tmp: tmp.write_bytes(proto.SerializeToString()))
+
+
+@contextmanager
+def stderr_dropped():
+    """The process's own stderr (file descriptor 2) goes nowhere meanwhile: the TorchScript exporter warns from
+    C++ that it cannot infer the shapes of packed sequences (it exports them correctly; tested), and ONNX
+    Runtime's quantizer logs notes. Errors still arrive as exceptions."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def onnx_feeds(images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> dict:
+    return dict(zip(ONNX_INPUTS, (normalize(images).numpy(), ids.numpy(), mask.numpy())))
+
+
+def quantize_onnx(source: Path, calibration: Split) -> Path:
+    """ONNX Runtime's int8 of the float model at source: static for the convolutions (QLinearConv, per-channel
+    weights, activation ranges observed on the calibration samples), dynamic for the LSTM, the linear layers
+    and the embedding (weights int8, activations quantized on the fly). Written beside source."""
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Feeds(CalibrationDataReader):
+        def __init__(self):
+            self.batches = (onnx_feeds(calibration.images[i], calibration.ids[i], calibration.mask[i])
+                            for i in torch.arange(len(calibration.images)).split(64))
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    prepared, convs, int8 = (source.with_name(name) for name in ("prepared.onnx", "convs.onnx", "int8.onnx"))
+    quant_pre_process(str(source), str(prepared))
+    quantize_static(str(prepared), str(convs), Feeds(), op_types_to_quantize=["Conv"], per_channel=True,
+                    quant_format=QuantFormat.QOperator, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    quantize_dynamic(str(convs), str(int8), op_types_to_quantize=["LSTM", "MatMul", "Gemm", "Gather"],
+                     weight_type=QuantType.QInt8)
+    return int8
+
+
+class OnnxStudent(nn.Module):
+    """A student .onnx file in an ONNX Runtime session that answers like Student.forward (normalised images,
+    ids, mask -> logits per task), so that predict and the evaluation take it as they take the torch students.
+    Opening it parses a protobuf: no code runs. threads: ONNX Runtime's intra-op threads (0: its default)."""
+
+    def __init__(self, path: str | Path, threads: int = 0):
+        super().__init__()
+        import onnxruntime
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        meta = json.loads(self.session.get_modelmeta().custom_metadata_map["light_weight_vlm"])
+        self.meta = meta | dict(tokenizer_files=base64.b64decode(meta["tokenizer_files"]))
+
+    def forward(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        feeds = dict(zip(ONNX_INPUTS, (images.numpy(), ids.numpy(), mask.numpy())))
+        return tuple(torch.from_numpy(out) for out in self.session.run(None, feeds))
+
+
+def open_student(path: str | Path) -> tuple[nn.Module, dict]:
+    """Any student file: .onnx through ONNX Runtime, the .pth and .pt through torch (weights_only)."""
+    if Path(path).suffix == ".onnx":
+        model = OnnxStudent(path)
+        return model, model.meta
+    return load_student(path)
+
+
+def cpu_speed(model: Callable, size: int, vocab_size: int, max_tokens: int, repeats: int) -> dict:
+    """Latency at batch 1 (median ms of repeats timed runs) and throughput at batch 32 (samples/s, median of a
+    tenth as many runs) of model(normalised images, ids, mask) on random pixels and texts of max_tokens tokens,
+    after warm-up, on one CPU thread (ONNX Runtime sessions are opened with threads=1 for this)."""
+    def median_seconds(inputs: tuple, runs: int) -> float:
+        for _ in range(2):
+            model(*inputs)
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            model(*inputs)
+            times.append(time.perf_counter() - start)
+        return float(np.median(times))
+
+    def inputs(batch: int) -> tuple:
+        generator = torch.Generator().manual_seed(0)
+        return (torch.randn(batch, 3, size, size, generator=generator),
+                torch.randint(1, vocab_size, (batch, max_tokens), generator=generator),
+                torch.ones(batch, max_tokens, dtype=torch.long))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            return dict(batch1_ms=round(median_seconds(inputs(1), repeats) * 1e3, 3),
+                        batch32_per_s=round(32 / median_seconds(inputs(32), max(3, repeats // 10)), 1))
+    finally:
+        torch.set_num_threads(threads)
 
 
 PRUNING_COLUMNS = ["stage", "epoch", "modality_acc", "location_acc", "score"]
@@ -1222,7 +1411,7 @@ def compress(student: nn.Module, data: dict[str, Split], cfg, meta: dict, device
     """Global L1 pruning and a short recovery fine-tune, with dev choosing the epoch (0: none); then
     permanent masks and int8, calibrated on train images. Logs each stage's dev accuracy to
     logs/pruning.csv; returns that report, the dev predictions before pruning and of the chosen
-    pruned model, and the int8 file's path."""
+    pruned model, and the paths of the two int8 files, torch.ao's .pt and ONNX Runtime's .onnx."""
     rows = []
 
     def check(stage: str, epoch: int) -> dict:
@@ -1247,14 +1436,18 @@ def compress(student: nn.Module, data: dict[str, Split], cfg, meta: dict, device
             best = result | dict(epoch=epoch, state=copy.deepcopy(student.state_dict()))
     student.load_state_dict(best["state"])
     make_pruning_permanent(student)
-    train_images = data["train"].images.cpu()
-    calibration = train_images[torch.randperm(len(train_images), generator=generator)[:cfg.CALIBRATION_IMAGES]]
-    path = Path(cfg.RESULTS_DIR) / "lightweight_vlm_int8.pt"
-    save_student(path, quantize_int8(student, calibration), {**meta, "quantized": True})
+    train = data["train"]
+    pick = torch.randperm(len(train.images), generator=generator)[:cfg.CALIBRATION_IMAGES].to(train.images.device)
+    calibration = Split(train.images[pick].cpu(), train.ids[pick].cpu(), train.mask[pick].cpu())
+    path, onnx_path = Path(cfg.RESULTS_DIR) / "lightweight_vlm_int8.pt", Path(cfg.RESULTS_DIR) / "lightweight_vlm_int8.onnx"
+    int8 = quantize_int8(student, calibration.images)  # alive until saved: its unpacked embedding shares its memory
+    save_torch(path, {**meta, "quantized": True, **int8_contents(int8)})
+    export_onnx(student, onnx_path, meta, calibration)
     accuracies = lambda result: {c: result[c] for c in PRUNING_COLUMNS[2:]}
     report = dict(amount=cfg.PRUNE_AMOUNT, sparsity=round(sparsity(student), 4), before=accuracies(before),
                   after_pruning=accuracies(pruned), after_recovery=accuracies(best), recovery_epoch=best["epoch"])
-    return dict(report=report, path=path, predicted=dict(float=before["predicted"], pruned_float=best["predicted"]))
+    return dict(report=report, path=path, onnx_path=onnx_path,
+                predicted=dict(float=before["predicted"], pruned_float=best["predicted"]))
 
 
 # -----------------------------------------------------------------------------
@@ -1280,30 +1473,35 @@ RESULT_COLUMNS = [f"{task}_{k}" for task in TASKS for k in ("acc", "f1")]
 
 
 def result_rows(metrics: dict) -> list[tuple[str, str, dict]]:
-    """(model, split, values) for the teacher, the student and the int8 student, image-only rows included."""
-    return [(name, split, row) for model in ("teacher", "student", "student_int8")
+    """(model, split, values) for the teacher, the student and the two int8 students, image-only rows included."""
+    return [(name, split, row) for model in ("teacher", "student", "student_int8", "student_onnx_int8")
             for split, values in metrics[model].items()
             for name, row in ((model, values), (f"{model} (image only)", values.get("image_only"))) if row]
 
 
 def compression_lines(metrics: dict) -> list[str]:
-    """Sizes, what pruning cost on dev, and how often the int8 student agrees with its float versions."""
-    pruning, agreement = metrics["pruning"], metrics["int8_agreement"]
+    """Sizes, what pruning cost on dev, how often each int8 student agrees with its float versions, and speed."""
+    pruning, speed = metrics["pruning"], metrics["speed"]
     accuracies = lambda stage: " / ".join(f"{pruning[stage][f'{task}_acc']:.3f}" for task in TASKS)
-    return [f"parameters: teacher {metrics['teacher_params']:,}, student {metrics['student_params']:,} | "
-            f"files: float {metrics['student_file_bytes']:,} B, int8 {metrics['student_int8_file_bytes']:,} B",
+    timing = lambda key, unit: ", ".join(f"{name.replace('_', ' ')} {values[key]:,} {unit}" for name, values in speed.items())
+    return [f"parameters: teacher {metrics['teacher_params']:,}, student {metrics['student_params']:,} | files: "
+            f"float {metrics['student_file_bytes']:,} B, int8 {metrics['student_int8_file_bytes']:,} B, ONNX float "
+            f"{metrics['student_onnx_file_bytes']:,} B, ONNX int8 {metrics['student_onnx_int8_file_bytes']:,} B",
             f"pruning {pruning['amount']:.0%} (sparsity {pruning['sparsity']:.3f}), dev acc modality / location: "
             f"before {accuracies('before')}, pruned {accuracies('after_pruning')}, after recovery "
-            f"{accuracies('after_recovery')} (epoch {pruning['recovery_epoch']})",
-            "int8 student, same dev label as " + ", ".join(
+            f"{accuracies('after_recovery')} (epoch {pruning['recovery_epoch']})"] + [
+            f"{model} student, same dev label as " + ", ".join(
                 f"the {reference.replace('_', ' ')} student: " + " / ".join(f"{v:.3f}" for v in values.values())
-                for reference, values in agreement.items())]
+                for reference, values in metrics[f"{key}_agreement"].items())
+            for key, model in (("int8", "int8"), ("onnx_int8", "ONNX int8"))] + [
+            f"CPU, 1 thread, {metrics['max_tokens']}-token texts: batch 1 {timing('batch1_ms', 'ms')}; batch 32 "
+            f"{timing('batch32_per_s', 'samples/s')}"]
 
 
 def print_table(metrics: dict) -> None:
-    print(f"\n{'model':<26}{'split':<7}" + "".join(f"{c:>14}" for c in RESULT_COLUMNS))
+    print(f"\n{'model':<32}{'split':<7}" + "".join(f"{c:>14}" for c in RESULT_COLUMNS))
     for name, split, row in result_rows(metrics):
-        print(f"{name:<26}{split:<7}" + "".join(f"{row[c]:>14.4f}" for c in RESULT_COLUMNS))
+        print(f"{name:<32}{split:<7}" + "".join(f"{row[c]:>14.4f}" for c in RESULT_COLUMNS))
     print("\n".join(compression_lines(metrics)))
 
 
@@ -1400,12 +1598,13 @@ def write_report(path: Path, argv: list[str], cfg, data: dict, names: dict, metr
 def parse_predict(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="light-weight-vlm.py predict",
                                      description="Modality and location of each image, one JSON object per line.")
-    parser.add_argument("--model", default=f"{RESULTS_DIR}/lightweight_vlm_int8.pt",
-                        help="a student file: the int8 .pt or the float .pth (default: %(default)s)")
+    parser.add_argument("--model", default=f"{RESULTS_DIR}/lightweight_vlm_int8.onnx",
+                        help="a student file: the .onnx files run in ONNX Runtime, the int8 .pt and the float .pth in "
+                             "PyTorch (default: %(default)s)")
     parser.add_argument("--image", nargs="+", action="extend", required=True, metavar="PATH")
     parser.add_argument("--text", action="append", default=[],
                         help="caption (and history); once for every image, or once per image in order; none: image only")
-    parser.add_argument("--tokenizer", help="hub id or folder of the tokenizer, if not where the model file says")
+    parser.add_argument("--tokenizer", help="hub id or folder of a tokenizer to use instead of the one in the model file")
     args = parser.parse_args(argv)
     if len(args.text) not in (0, 1, len(args.image)):
         parser.error(f"give --text once, or once per --image ({len(args.image)} images, {len(args.text)} texts)")
@@ -1425,18 +1624,22 @@ def predict_images(argv: list[str]) -> list[dict]:
     if not Path(args.model).is_file():
         fail(f"{args.model}: no such model file (train one with: python light-weight-vlm.py)")
     try:
-        model, meta = load_student(args.model)
-    except Exception as e:  # anything torch.load or load_state_dict raises means the same thing here
-        fail(f"{args.model}: not a light-weight-vlm student file ({type(e).__name__})")
-    if "vocab" not in meta:
-        fail(f"{args.model}: written by an older light-weight-vlm, before the student had its own vocabulary; "
+        model, meta = open_student(args.model)
+    except Exception as e:  # anything a load raises means the same here; a file holding code is refused, not run
+        fail(f"{args.model}: not a light-weight-vlm student file, or not one that loads without running code "
+             f"({type(e).__name__}); nothing in it was run")
+    if "tokenizer_files" not in meta:
+        fail(f"{args.model}: written by an older light-weight-vlm, before model files carried their tokenizer; "
              f"train it again")
     images = torch.stack([read_image_or_fail(path, meta["image_size"]) for path in args.image])
-    from transformers import AutoTokenizer
-    tokenizer = load_pretrained(AutoTokenizer, args.tokenizer or meta["tokenizer"], "the model's tokenizer",
-                                "Pass --tokenizer with a local copy of it.")
     texts = args.text * len(args.image) if len(args.text) == 1 else args.text or [""] * len(args.image)
-    ids, mask = tokenize(tokenizer, texts, meta["max_tokens"], meta["vocab"])
+    if any(text.strip() for text in texts):
+        from transformers import AutoTokenizer
+        tokenizer = (load_pretrained(AutoTokenizer, args.tokenizer, "--tokenizer") if args.tokenizer
+                     else unpack_tokenizer(meta["tokenizer_files"]))
+        ids, mask = tokenize(tokenizer, texts, meta["max_tokens"], meta["vocab"])
+    else:  # the image alone decides: no tokenizer needed
+        ids = mask = torch.zeros(len(images), 1, dtype=torch.long)
     logits = predict(model, Split(images, ids, mask), torch.device("cpu"))
     rows = []
     for i, path in enumerate(args.image):
@@ -1552,7 +1755,6 @@ def make_demo_teachers(vision_dir: Path, text_dir: Path, seed: int) -> None:
 def save_pretrained_whole(folder: Path, *parts) -> None:
     """save_pretrained of every part into folder, each file renamed into place whole, so that a run reading the
     folder meanwhile (two demo runs started together) never sees a half-written file."""
-    import tempfile
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}-") as tmp:
         for part in parts:
@@ -1675,9 +1877,9 @@ def run(cfg, argv: list[str], device: torch.device) -> dict:
           f"{amp_name(amp)}")
     fingerprint = settings_key(**{split: [(s["image_key"], s["text"], s["modality"], s["location"]) for s in samples]
                                   for split, samples in splits.items()})
-    meta = dict(student=kwargs, labels=names, tokenizer=tokenizer_name, vocab=vocab, data=fingerprint,
-                max_tokens=cfg.MAX_TOKENS, image_size=cfg.IMAGE_SIZE, normalization=(NORM_MEAN, NORM_STD),
-                quantized=False)
+    meta = dict(student=kwargs, labels=names, tokenizer=tokenizer_name, tokenizer_files=pack_tokenizer(tokenizer),
+                vocab=vocab, data=fingerprint, max_tokens=cfg.MAX_TOKENS, image_size=cfg.IMAGE_SIZE,
+                normalization=(NORM_MEAN, NORM_STD), quantized=False)
     best = train_student(student, data, cfg, names, meta, device, amp)
     if rank_and_world()[0] > 0:
         return {}
@@ -1685,29 +1887,37 @@ def run(cfg, argv: list[str], device: torch.device) -> dict:
     marks.append(("distillation", time.time()))
 
     # pruning and quantization
-    float_path = Path(cfg.RESULTS_DIR) / "lightweight_vlm.pth"
-    student, _ = load_student(float_path)
+    results, cpu = Path(cfg.RESULTS_DIR), torch.device("cpu")
+    files = dict(student=results / "lightweight_vlm.pth", student_onnx=results / "lightweight_vlm.onnx")
+    student, _ = load_student(files["student"])
+    export_onnx(student, files["student_onnx"], meta)
     evaluation = evaluate_student(student.to(device), data, names, device)
     compressed = compress(student.to(device), data, cfg, meta, device, amp)
-    int8, _ = load_student(compressed["path"])
+    files.update(student_int8=compressed["path"], student_onnx_int8=compressed["onnx_path"])
+    int8 = dict(int8=load_student(compressed["path"])[0], onnx_int8=OnnxStudent(compressed["onnx_path"]))
     marks.append(("pruning and quantization", time.time()))
     metrics["student"] = student_summary(evaluation)
-    metrics["student_int8"] = student_summary(evaluate_student(int8, data, names, torch.device("cpu")))
-    int8_predicted = dev_check(int8, data, torch.device("cpu"))["predicted"]
+    for name, model in int8.items():  # the int8 students on the CPU, against the float ones' dev labels
+        metrics[f"student_{name}"] = student_summary(evaluate_student(model, data, names, cpu))
+        predicted = dev_check(model, data, cpu)["predicted"]
+        metrics[f"{name}_agreement"] = {reference: {task: round(float((a == b).float().mean()), 4)
+                                                    for task, a, b in zip(TASKS, labels, predicted)}
+                                        for reference, labels in compressed["predicted"].items()}
     metrics["pruning"] = compressed["report"]
-    metrics["int8_agreement"] = {reference: {task: round(float((a == b).float().mean()), 4)
-                                             for task, a, b in zip(TASKS, predicted, int8_predicted)}
-                                 for reference, predicted in compressed["predicted"].items()}
     metrics["teacher"].pop("train")
     marks.append(("evaluation", time.time()))
+    timed = dict(float=load_student(files["student"])[0], int8=int8["int8"],
+                 onnx_int8=OnnxStudent(compressed["onnx_path"], threads=1))
+    metrics["speed"] = {name: cpu_speed(model, cfg.IMAGE_SIZE, len(vocab), cfg.MAX_TOKENS, cfg.SPEED_REPEATS)
+                        for name, model in timed.items()}
+    marks.append(("speed", time.time()))
 
     # reporting
     metrics.update(student_params=count_parameters(student), teacher_params=teacher_params,
-                   student_file_bytes=float_path.stat().st_size, student_int8_file_bytes=compressed["path"].stat().st_size,
-                   best_epoch=best["epoch"], skipped=dict(skipped), precision=amp_name(amp),
+                   **{f"{name}_file_bytes": path.stat().st_size for name, path in files.items()},
+                   best_epoch=best["epoch"], max_tokens=cfg.MAX_TOKENS, skipped=dict(skipped), precision=amp_name(amp),
                    device=f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu",
                    seconds=round(time.time() - marks[0][1], 1))
-    results = Path(cfg.RESULTS_DIR)
     write_json(results / "metrics.json", metrics)
     print_table(metrics)
 

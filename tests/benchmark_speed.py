@@ -1,25 +1,29 @@
-"""Size and CPU speed of the teacher, the float student and the int8 student (not part of the pytest run).
+"""Size and CPU speed of the teacher and of every student file (not part of the pytest run).
 
     python tests/benchmark_speed.py --results results
 
 Teacher: what runs at inference, CLIP ViT-B/32's vision tower and projection plus DistilBERT-base plus
 the heads, built from their configs (random weights cost the same as pretrained ones, which cannot be
-downloaded everywhere), on 224 px images. Students: the two files in --results. Every model reads a text
-of MAX_TOKENS tokens (the worst case) and random pixels. Latency: batch 1, median of --repeats timed runs
-after warm-up; throughput: batch 32, median of fewer runs. Bytes: file size for the students, fp32 weights
-for the teacher. Dev accuracy: the metrics.json of the run that wrote the files. Prints a markdown table.
+downloaded everywhere), on 224 px images. Students: the four files in --results, the float .pth and int8 .pt
+in PyTorch, the float and int8 .onnx in ONNX Runtime. Every model reads a text of MAX_TOKENS tokens (the worst
+case) and random pixels, on one CPU thread: latency at batch 1, median of --repeats timed runs after warm-up;
+throughput at batch 32, median of a tenth as many (the script's own cpu_speed, which every run also reports in
+metrics.json). Bytes: file size for the students, fp32 weights for the teacher. Dev accuracy: the metrics.json
+of the run that wrote the files. Prints a markdown table.
 """
 
 import argparse
 import importlib.util
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "light-weight-vlm.py"
+STUDENTS = (("float student (PyTorch)", "lightweight_vlm.pth", "student"),
+            ("int8 student (PyTorch, torch.ao)", "lightweight_vlm_int8.pt", "student_int8"),
+            ("float student (ONNX Runtime)", "lightweight_vlm.onnx", "student"),
+            ("int8 student (ONNX Runtime)", "lightweight_vlm_int8.onnx", "student_onnx_int8"))
 
 
 def load_script():
@@ -27,18 +31,6 @@ def load_script():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def median_seconds(run, repeats: int, warmup: int) -> float:
-    with torch.no_grad():
-        for _ in range(warmup):
-            run()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def teacher(lvm, n_classes: tuple[int, int]):
@@ -55,57 +47,41 @@ def teacher(lvm, n_classes: tuple[int, int]):
     return forward, [vision, text, heads], 224, text.config.vocab_size
 
 
-def inputs(batch: int, size: int, vocab_size: int, max_tokens: int) -> tuple:
-    generator = torch.Generator().manual_seed(0)
-    return (torch.randn(batch, 3, size, size, generator=generator),
-            torch.randint(1, vocab_size, (batch, max_tokens), generator=generator),
-            torch.ones(batch, max_tokens, dtype=torch.long))
-
-
-def measure(forward, size: int, vocab_size: int, max_tokens: int, repeats: int) -> tuple[float, float]:
-    """(latency in ms at batch 1, throughput in samples/s at batch 32)."""
-    one, many = inputs(1, size, vocab_size, max_tokens), inputs(32, size, vocab_size, max_tokens)
-    latency = median_seconds(lambda: forward(*one), repeats, warmup=3)
-    batch_seconds = median_seconds(lambda: forward(*many), max(3, repeats // 10), warmup=1)
-    return latency * 1e3, 32 / batch_seconds
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", default="results", help="folder of a finished run (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=30, help="timed runs at batch 1 (default: %(default)s)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     lvm = load_script()
     results = Path(args.results)
     metrics = json.loads((results / "metrics.json").read_text())
     dev = lambda model: " / ".join(f"{metrics[model]['dev'][f'{task}_acc']:.3f}" for task in lvm.TASKS)
 
     rows = []
-    for name, file, accuracy in (("float student", "lightweight_vlm.pth", "student"),
-                                 ("int8 student", "lightweight_vlm_int8.pt", "student_int8")):
-        model, meta = lvm.load_student(results / file)
-        forward = lambda images, ids, mask, model=model: model(lvm.normalize(images), ids, mask)
-        latency, throughput = measure(forward, meta["image_size"], meta["student"]["vocab_size"], meta["max_tokens"],
-                                      args.repeats)
-        rows.append([name, metrics["student_params"], (results / file).stat().st_size, latency, throughput, dev(accuracy)])
+    for name, file, accuracy in STUDENTS:
+        model, meta = lvm.open_student(results / file)
+        if file.endswith(".onnx"):
+            model = lvm.OnnxStudent(results / file, threads=1)
+        speed = lvm.cpu_speed(model, meta["image_size"], meta["student"]["vocab_size"], meta["max_tokens"], args.repeats)
+        rows.append([name, metrics["student_params"], (results / file).stat().st_size, speed["batch1_ms"],
+                     speed["batch32_per_s"], dev(accuracy)])
     n_classes = tuple(len(names) for names in meta["labels"].values())
     forward, modules, size, vocab_size = teacher(lvm, n_classes)
-    latency, throughput = measure(forward, size, vocab_size, meta["max_tokens"], args.repeats)
+    speed = lvm.cpu_speed(forward, size, vocab_size, meta["max_tokens"], args.repeats)
     weights = sum(t.numel() * t.element_size() for m in modules for t in m.state_dict().values())
     rows.insert(0, ["teacher: CLIP ViT-B/32 vision + DistilBERT + heads", sum(lvm.count_parameters(m) for m in modules),
-                    weights, latency, throughput, f"{dev('teacher')} (the run's own teacher)"])
+                    weights, speed["batch1_ms"], speed["batch32_per_s"], f"{dev('teacher')} (the run's own teacher)"])
 
-    print(f"{args.threads} thread(s), torch {torch.__version__}, {meta['max_tokens']} tokens per text\n")
+    print(f"1 thread, torch {torch.__version__}, {meta['max_tokens']} tokens per text\n")
     print("| model | parameters | bytes | latency, batch 1 (ms) | throughput, batch 32 (samples/s) | "
           "dev acc modality / location |")
     print("| --- | ---: | ---: | ---: | ---: | --- |")
     for name, params, size_bytes, latency, throughput, accuracy in rows:
         print(f"| {name} | {params:,} | {size_bytes:,} | {latency:.2f} | {throughput:.1f} | {accuracy} |")
-    teacher_row, int8_row = rows[0], rows[-1]
-    print(f"\nint8 student against the teacher: {teacher_row[3] / int8_row[3]:.0f}x faster at batch 1, "
-          f"{int8_row[4] / teacher_row[4]:.0f}x the throughput at batch 32, {teacher_row[2] / int8_row[2]:.0f}x fewer bytes")
+    teacher_row, torch_int8, onnx_int8 = rows[0], rows[2], rows[4]
+    print(f"\nONNX Runtime int8 student against the teacher: {teacher_row[3] / onnx_int8[3]:.0f}x faster at batch 1, "
+          f"{teacher_row[2] / onnx_int8[2]:.0f}x fewer bytes; against the torch.ao int8 student: "
+          f"{torch_int8[3] / onnx_int8[3]:.1f}x faster at batch 1")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
+import gzip
 import json
 import math
 import os
+import shutil
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 import torch.nn.functional as F
@@ -476,6 +479,8 @@ def test_int8_student_quantizes_every_layer_kind_and_reports_its_agreement(lvm, 
     assert kinds["QuantizedConvReLU2d"] == len(lvm.CNN_CHANNELS) and kinds["Conv2d"] == 0
     assert kinds["QuantizedEmbedding"] == 1 and kinds["DynamicQuantizedLSTM"] == 1
     assert kinds["DynamicQuantizedLinear"] == 3 and kinds["Linear"] == 0
+    embedding = int8_meta["state_dict"]["embedding._packed_params._packed_weight"]  # saved whole, not from freed memory
+    assert torch.isfinite(embedding.dequantize()).all() and embedding.dequantize().abs().max() < 100
     assert metrics["student_int8_file_bytes"] < 0.35 * metrics["student_file_bytes"]
     data = demo_dev_data(lvm, workdir, meta)
     cpu = torch.device("cpu")
@@ -533,14 +538,30 @@ def run_predict(lvm, workdir: Path, args: list[str], capsys) -> list[dict]:
     return rows
 
 
+def test_a_packed_bert_tokenizer_is_its_vocabulary_and_tokenizes_alike(lvm, tmp_path):
+    from transformers import BertTokenizerFast
+    pieces = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "axial", "ct", "of", "the", "brain", "liver", "##s", "mr"]
+    (tmp_path / "vocab.txt").write_text("\n".join(pieces) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"), do_lower_case=True)
+    packed = lvm.pack_tokenizer(tokenizer)
+    assert set(json.loads(gzip.decompress(packed))) == {"vocab.txt", "tokenizer_config.json"}  # not tokenizer.json
+    again = lvm.unpack_tokenizer(packed)
+    text = "Axial CT of the Brains, liver: MR!"
+    assert again(text)["input_ids"] == tokenizer(text)["input_ids"] and again.get_vocab() == tokenizer.get_vocab()
+    harmful = gzip.compress(json.dumps({"../../outside.txt": "x"}).encode())
+    with pytest.raises(ValueError, match="unexpected tokenizer files"):
+        lvm.unpack_tokenizer(harmful)
+    assert not (tmp_path.parent.parent / "outside.txt").exists()
+
+
 def test_predict_prints_one_json_object_per_image_from_either_file(lvm, demo_run, capsys):
     workdir, _ = demo_run
     _, meta = lvm.load_student(workdir / "results" / "lightweight_vlm.pth")
     data = demo_dev_data(lvm, workdir, meta)
     samples = lvm.load_split(workdir / lvm.DEMO["DATA_ROOT"], "dev", Counter())[:3]
     images = [str(Path(s["image"]).relative_to(workdir)) for s in samples]
-    for file in ("lightweight_vlm_int8.pt", "lightweight_vlm.pth"):
-        model, _ = lvm.load_student(workdir / "results" / file)
+    for file in ("lightweight_vlm_int8.onnx", "lightweight_vlm.onnx", "lightweight_vlm_int8.pt", "lightweight_vlm.pth"):
+        model, _ = lvm.open_student(workdir / "results" / file)
         for texts in ([s["text"] for s in samples], []):
             args = ["--model", f"results/{file}", "--image", *images] + [a for t in texts for a in ("--text", t)]
             rows = run_predict(lvm, workdir, args, capsys)
@@ -554,6 +575,43 @@ def test_predict_prints_one_json_object_per_image_from_either_file(lvm, demo_run
                     assert sum(probabilities.values()) == pytest.approx(1, abs=1e-3)
                     assert row[task] == meta["labels"][task][int(lg.argmax())]
                     assert list(probabilities.values()) == pytest.approx(lg.softmax(0).tolist(), abs=1e-4)
+
+
+def test_onnx_students_match_the_torch_ones_and_carry_what_predict_needs(lvm, demo_run):
+    workdir, metrics = demo_run
+    results = workdir / "results"
+    float_model, meta = lvm.load_student(results / "lightweight_vlm.pth")
+    onnx_float, onnx_int8 = (lvm.OnnxStudent(results / name) for name in ("lightweight_vlm.onnx", "lightweight_vlm_int8.onnx"))
+    for key in ("labels", "vocab", "image_size", "max_tokens", "tokenizer_files"):
+        assert onnx_int8.meta[key] == meta[key], key
+    assert onnx_int8.meta["normalization"] == [list(lvm.NORM_MEAN), list(lvm.NORM_STD)] and onnx_int8.meta["quantized"]
+    cpu = torch.device("cpu")
+    for split in ("dev", "test"):  # batch and text length are free: predict feeds batches of 64 and all 128 tokens
+        data = demo_dev_data(lvm, workdir, meta, split)
+        for a, b in zip(lvm.predict(float_model, data, cpu), lvm.predict(onnx_float, data, cpu)):
+            assert torch.allclose(a, b, atol=1e-4)
+    kinds = {node.op_type for node in onnx.load(results / "lightweight_vlm_int8.onnx").graph.node}
+    assert {"QLinearConv", "DynamicQuantizeLSTM", "MatMulInteger"} <= kinds and "Conv" not in kinds
+    assert all(v >= 0.95 for v in metrics["onnx_int8_agreement"]["pruned_float"].values())
+    assert metrics["student_onnx_int8_file_bytes"] < 0.35 * metrics["student_onnx_file_bytes"]
+    for name in ("float", "int8", "onnx_int8"):
+        assert metrics["speed"][name]["batch1_ms"] > 0 and metrics["speed"][name]["batch32_per_s"] > 0
+
+
+@pytest.mark.parametrize("file", ["lightweight_vlm_int8.onnx", "lightweight_vlm.pth"])
+def test_a_model_file_alone_predicts_with_and_without_text(lvm, demo_run, tmp_path, capsys, file):
+    """A colleague who got only the file: no tokenizer folder, no cache; the image-only path needs no tokenizer."""
+    workdir, _ = demo_run
+    shutil.copy(workdir / "results" / file, tmp_path / file)
+    sample = lvm.load_split(workdir / lvm.DEMO["DATA_ROOT"], "dev", Counter())[0]
+    shutil.copy(sample["image"], tmp_path / "scan.png")
+    with_text = run_predict(lvm, tmp_path, ["--model", file, "--image", "scan.png", "--text", sample["text"]], capsys)
+    in_place = run_predict(lvm, workdir, ["--model", f"results/{file}", "--image", sample["image"], "--text",
+                                          sample["text"]], capsys)
+    assert [r | {"image": None} for r in with_text] == [r | {"image": None} for r in in_place]
+    image_only = run_predict(lvm, tmp_path, ["--model", file, "--image", "scan.png",
+                                             "--tokenizer", str(tmp_path / "nowhere")], capsys)  # never opened
+    assert not image_only[0]["with_text"] and image_only[0]["modality"] in ("CT", "MR")
 
 
 @pytest.mark.parametrize("content, expected", [(None, "no_such.png: cannot read the image (No such file or directory)"),

@@ -247,6 +247,13 @@ def without_seconds(rows: list[list[str]]) -> list[list[str]]:
     return [row[:column] + row[column + 1:] for row in rows]
 
 
+def without_timings(metrics: dict) -> dict:
+    """metrics.json less its wall-clock numbers, after checking that they are there."""
+    assert metrics.pop("seconds") > 0
+    assert all(v["batch1_ms"] > 0 and v["batch32_per_s"] > 0 for v in metrics.pop("speed").values())
+    return metrics
+
+
 def assert_same_outputs(lvm, a: Path, b: Path) -> None:
     """Two runs' logs, metrics and models agree (wall-clock seconds apart)."""
     assert without_seconds(read_csv(a / "logs" / "training_log.csv")) == \
@@ -256,8 +263,8 @@ def assert_same_outputs(lvm, a: Path, b: Path) -> None:
     for name in names:
         if name != "training_log.csv":
             assert (a / "logs" / name).read_text() == (b / "logs" / name).read_text(), name
-    metrics = [json.loads((w / "results" / "metrics.json").read_text()) for w in (a, b)]
-    assert [m.pop("seconds") > 0 for m in metrics] == [True, True] and metrics[0] == metrics[1]
+    metrics = [without_timings(json.loads((w / "results" / "metrics.json").read_text())) for w in (a, b)]
+    assert metrics[0] == metrics[1]
     float_a, meta = lvm.load_student(a / "results" / "lightweight_vlm.pth")
     float_b, _ = lvm.load_student(b / "results" / "lightweight_vlm.pth")
     assert all(torch.equal(x, y) for x, y in zip(float_a.state_dict().values(), float_b.state_dict().values()))
@@ -377,9 +384,56 @@ def test_two_runs_started_at_once_in_one_folder_both_finish(lvm, tmp_path):
     for process in runs:
         code, _, err = finish(process)
         assert code == 0, err
-    metrics = [json.loads((tmp_path / f"results{i}" / "metrics.json").read_text()) for i in (1, 2)]
-    assert [m.pop("seconds") > 0 for m in metrics] == [True, True] and metrics[0] == metrics[1]  # same seed, same run
+    metrics = [without_timings(json.loads((tmp_path / f"results{i}" / "metrics.json").read_text())) for i in (1, 2)]
+    assert metrics[0] == metrics[1]  # same seed, same run
     assert not list(tmp_path.rglob(".*.tmp")) and not list((tmp_path / "cache" / "demo").glob(".*"))
     for store in (tmp_path / "cache").glob("*.pt"):
         entries = torch.load(store, weights_only=True)
         assert len(entries) == (318 if store.name.startswith(("images-", "vision-")) else len(entries)) > 0, store
+
+
+# files that hold code ---------------------------------------------------------------------
+
+
+class RunsCode:
+    """Pickled, this is a command that a full unpickling (torch.load with weights_only=False) runs."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def crafted(path: Path, marker: Path, key: str) -> Path:
+    torch.save({key: RunsCode(marker)}, path)
+    torch.load(path, weights_only=False)  # the file really is harmful: a full load runs the command ...
+    assert marker.exists()
+    marker.unlink()  # ... and the script must not
+    return path
+
+
+@pytest.mark.parametrize("name", ["evil.pt", "evil.pth", "evil.onnx"])
+def test_a_model_file_that_holds_code_is_refused_and_runs_nothing(lvm, tmp_path, name):
+    marker = tmp_path / "ran"
+    model = crafted(tmp_path / name, marker, "student")
+    Image.new("RGB", (20, 20)).save(tmp_path / "x.png")
+    message = stop_message(lambda: lvm.main(["predict", "--model", str(model), "--image", str(tmp_path / "x.png")]))
+    assert f"{name}: not a light-weight-vlm student file" in message and "nothing in it was run" in message
+    assert not marker.exists()
+
+
+def test_a_checkpoint_or_cache_that_holds_code_is_refused_and_runs_nothing(lvm, tmp_path):
+    marker = tmp_path / "ran"
+    (tmp_path / "results").mkdir()
+    crafted(tmp_path / "results" / "checkpoint.pt", marker, "settings")
+    previous = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        message = stop_message(lambda: lvm.main(["--demo", "--DEVICE", "cpu", "--resume"]))
+    finally:
+        os.chdir(previous)
+    assert "results/checkpoint.pt: unreadable checkpoint (UnpicklingError)" in message and not marker.exists()
+    store = crafted(tmp_path / "store.pt", marker, "a")
+    assert lvm.cached(store, ["a"], lambda keys: {k: torch.zeros(1) for k in keys})["a"].shape == (1,)  # rebuilt
+    assert not marker.exists()
