@@ -184,7 +184,7 @@ def parse_config(argv: list[str]) -> argparse.Namespace:
 def config_ranges(cfg: dict) -> list[tuple[str, bool, str]]:
     positive = ("IMAGE_SIZE", "MAX_TOKENS", "TEACHER_BATCH_SIZE", "HEAD_HIDDEN", "HEAD_EPOCHS", "HEAD_PATIENCE",
                 "HEAD_LR", "EMBED_DIM", "LSTM_HIDDEN", "FUSION_DIM", "KD_TEMPERATURE", "EPOCHS", "BATCH_SIZE",
-                "GRAD_ACCUM_STEPS", "LR", "GRAD_CLIP", "PRUNE_LR", "CALIBRATION_IMAGES")
+                "GRAD_ACCUM_STEPS", "LR", "GRAD_CLIP", "PRUNE_LR", "CALIBRATION_IMAGES", "SPEED_REPEATS")
     fractions = ("DROPOUT", "TEXT_DROPOUT", "KD_ALPHA", "LABEL_SMOOTHING")
     counts = ("WARMUP_EPOCHS", "FREEZE_EPOCHS", "PRUNE_FINETUNE_EPOCHS", "WEIGHT_DECAY", "FEATURE_KD", "IMAGE_ONLY_LOSS")
     channels = cfg["CNN_CHANNELS"]
@@ -193,6 +193,14 @@ def config_ranges(cfg: dict) -> list[tuple[str, bool, str]]:
                                                            ("PRUNE_AMOUNT", "EMA_DECAY")] + [
              ("CNN_CHANNELS", len(channels) > 0 and all(isinstance(c, int) and c > 0 for c in channels),
               "a tuple of positive widths"), ("AMP_DTYPE", cfg["AMP_DTYPE"] in AMP_DTYPES, "one of " + ", ".join(AMP_DTYPES))])
+
+
+def require(*modules: str) -> None:
+    """Stop with one line, before any work, when a package this run needs later is not installed."""
+    import importlib.util
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        fail(f"{', '.join(missing)} not installed: pip install -r requirements.txt")
 
 
 def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
@@ -432,12 +440,31 @@ def read_store(path: Path) -> dict[str, torch.Tensor]:
         return {}
 
 
+@contextmanager
+def store_lock(path: Path):
+    """An exclusive lock on a lock file beside the store, held while a process reads, merges and saves it, so
+    that two processes' saves never cross. Where there is no fcntl (Windows) there is no lock: two saves that
+    cross can then drop the other's newest entries, which the next run computes again."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def cached(path: Path, keys: list[str], compute: Callable[[list[str]], dict[str, torch.Tensor]],
            save_every: int = 512, shard: bool = False) -> dict:
     """A content-keyed tensor store: load it, compute the missing keys, save it back atomically after
     every save_every keys, so that an interrupted run keeps what it had computed. Each save first takes in
-    what other processes saved to the store meanwhile, so that runs sharing a cache keep each other's entries
-    (two saves that cross lose at most the one's latest entries, which the next run computes again). With
+    what other processes saved to the store meanwhile, under a lock (store_lock), so that runs sharing a cache
+    keep each other's entries. With
     shard, under torchrun: every process computes its share of each chunk, all processes receive every
     share, and process 0 alone saves; what is missing is process 0's view, so that all run the same rounds."""
     rank, world = rank_and_world() if shard else (0, 1)
@@ -455,8 +482,9 @@ def cached(path: Path, keys: list[str], compute: Callable[[list[str]], dict[str,
             computed = {k: v for share in shares for k, v in share.items()}
         store.update(computed)
         if rank == 0 and computed:
-            store = read_store(path) | store
-            save_torch(path, store)
+            with store_lock(path):
+                store = read_store(path) | store
+                save_torch(path, store)
     if world > 1:
         dist.barrier()  # process 0 has saved: a process whose first read missed an entry finds it now
         if any(k not in store for k in keys):
@@ -769,35 +797,48 @@ def tokenize(tokenizer, texts: list[str], max_tokens: int, vocab: list[int]) -> 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
 
-def pack_tokenizer(tokenizer) -> bytes:
+def pack_tokenizer(tokenizer, texts: list[str]) -> bytes:
     """The student's tokenizer as gzip'ed JSON of its files, carried in every model file so that the file reads
     text on its own. A BERT word-piece tokenizer goes as vocab.txt and its settings (113 kB for DistilBERT's
-    30,522 pieces, where its tokenizer.json would take 208 kB); any other as what save_pretrained writes."""
+    30,522 pieces, where its tokenizer.json would take 208 kB); any other as what save_pretrained writes. The
+    first form that unpacks to the same vocabulary and the same ids for texts is kept."""
     with tempfile.TemporaryDirectory() as folder:
         tokenizer.save_pretrained(folder)
         files = {p.name: p.read_text(encoding="utf-8") for p in Path(folder).iterdir() if p.name in TOKENIZER_FILES}
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    settings = json.loads(files.get("tokenizer_config.json", "{}"))
-    if type(getattr(backend, "model", None)).__name__ == "WordPiece" and "Bert" in str(settings.get("tokenizer_class")):
-        vocab = tokenizer.get_vocab()
-        files = {"tokenizer_config.json": files["tokenizer_config.json"],
-                 "vocab.txt": "".join(f"{piece}\n" for piece in sorted(vocab, key=vocab.get))}
-    return gzip.compress(json.dumps(files, sort_keys=True).encode(), 9, mtime=0)
+    vocab = tokenizer.get_vocab()
+    numbered = sorted(vocab.values()) == list(range(len(vocab)))  # vocab.txt can only number its pieces 0, 1, ...
+    forms = [{"tokenizer_config.json": files.get("tokenizer_config.json", "{}"),
+              "vocab.txt": "".join(f"{piece}\n" for piece in sorted(vocab, key=vocab.get))}] * numbered + [files]
+    for form in forms:
+        packed = gzip.compress(json.dumps(form, sort_keys=True).encode(), 9, mtime=0)
+        try:
+            again = unpack_tokenizer(packed)
+        except Exception:  # this form does not load (e.g. no slow tokenizer class for a vocab.txt)
+            continue
+        if again.get_vocab() == vocab and again(texts)["input_ids"] == tokenizer(texts)["input_ids"]:
+            return packed
+    fail(f"the tokenizer {tokenizer.name_or_path!r} cannot be packed into the model files (its saved files do not "
+         f"load back alike: only {', '.join(TOKENIZER_FILES)} are kept); use a tokenizer with a tokenizer.json")
 
 
 def unpack_tokenizer(packed: bytes):
-    """The tokenizer that pack_tokenizer packed. Only tokenizer files are written, into a temporary folder,
-    and no code is loaded (trust_remote_code stays off)."""
+    """The tokenizer that pack_tokenizer packed. Only tokenizer files are written, into a temporary folder; the
+    settings lose any entry that names code to run or a file to read (auto_map, *_file), and no code is loaded
+    (trust_remote_code=False)."""
     from transformers import AutoTokenizer
     files = json.loads(gzip.decompress(packed))
     if not isinstance(files, dict) or not set(files) <= set(TOKENIZER_FILES):
         raise ValueError(f"unexpected tokenizer files {sorted(files)[:5]}")
+    if "tokenizer_config.json" in files:
+        settings = json.loads(files["tokenizer_config.json"])
+        files["tokenizer_config.json"] = json.dumps({k: v for k, v in settings.items()
+                                                     if k != "auto_map" and not k.endswith("_file")})
     with tempfile.TemporaryDirectory() as folder:
         for name, text in files.items():
             (Path(folder) / name).write_text(text, encoding="utf-8")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return AutoTokenizer.from_pretrained(folder)
+            return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
@@ -978,8 +1019,9 @@ def task_metrics(labels: torch.Tensor, predictions: torch.Tensor, n_classes: int
     occurring = sorted(set(labels.tolist()) | set(predictions.tolist()))
     precision, recall, f1, _ = precision_recall_fscore_support(labels, predictions, labels=occurring, average="macro",
                                                                zero_division=0)
-    return dict(acc=accuracy_score(labels, predictions), precision=precision, recall=recall, f1=f1,
-                confusion=confusion_matrix(labels, predictions, labels=classes).tolist())
+    return dict(acc=float(accuracy_score(labels, predictions)), precision=float(precision), recall=float(recall),
+                f1=float(f1), confusion=confusion_matrix(labels, predictions, labels=classes).tolist())  # plain floats:
+    # older scikit-learn returns numpy scalars, which a checkpoint loaded with weights_only=True refuses
 
 
 def mean_f1(metrics: list[dict]) -> float:
@@ -1354,15 +1396,21 @@ class OnnxStudent(nn.Module):
 
     def __init__(self, path: str | Path, threads: int = 0):
         super().__init__()
+        import onnx
         import onnxruntime
+        proto = onnx.load(str(path), load_external_data=False)
+        if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
+            raise ValueError("it refers to data in other files")  # which could be anywhere on this machine
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
-        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = onnxruntime.InferenceSession(proto.SerializeToString(), options,
+                                                    providers=["CPUExecutionProvider"])
         meta = json.loads(self.session.get_modelmeta().custom_metadata_map["light_weight_vlm"])
         self.meta = meta | dict(tokenizer_files=base64.b64decode(meta["tokenizer_files"]))
 
     def forward(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        feeds = dict(zip(ONNX_INPUTS, (images.numpy(), ids.numpy(), mask.numpy())))
+        inputs = (images.detach().cpu().float(), ids.detach().cpu().long(), mask.detach().cpu().long())
+        feeds = dict(zip(ONNX_INPUTS, (x.numpy() for x in inputs)))
         return tuple(torch.from_numpy(out) for out in self.session.run(None, feeds))
 
 
@@ -1623,6 +1671,8 @@ def predict_images(argv: list[str]) -> list[dict]:
     args = parse_predict(argv)
     if not Path(args.model).is_file():
         fail(f"{args.model}: no such model file (train one with: python light-weight-vlm.py)")
+    if Path(args.model).suffix == ".onnx":
+        require("onnx", "onnxruntime")
     try:
         model, meta = open_student(args.model)
     except Exception as e:  # anything a load raises means the same here; a file holding code is refused, not run
@@ -1635,8 +1685,14 @@ def predict_images(argv: list[str]) -> list[dict]:
     texts = args.text * len(args.image) if len(args.text) == 1 else args.text or [""] * len(args.image)
     if any(text.strip() for text in texts):
         from transformers import AutoTokenizer
-        tokenizer = (load_pretrained(AutoTokenizer, args.tokenizer, "--tokenizer") if args.tokenizer
-                     else unpack_tokenizer(meta["tokenizer_files"]))
+        if args.tokenizer:
+            tokenizer = load_pretrained(AutoTokenizer, args.tokenizer, "--tokenizer",
+                                        "Give a local tokenizer folder, or leave --tokenizer out to use the model's.")
+        else:
+            try:
+                tokenizer = unpack_tokenizer(meta["tokenizer_files"])
+            except Exception as e:  # a damaged or crafted tokenizer in the file: refused, not run
+                fail(f"{args.model}: its tokenizer does not load ({type(e).__name__}); nothing in it was run")
         ids, mask = tokenize(tokenizer, texts, meta["max_tokens"], meta["vocab"])
     else:  # the image alone decides: no tokenizer needed
         ids = mask = torch.zeros(len(images), 1, dtype=torch.long)
@@ -1786,6 +1842,7 @@ def main(argv: list[str] | None = None) -> dict | list[dict]:
     if argv[:1] == ["predict"]:
         return predict_images(argv[1:])
     cfg = parse_config(argv)
+    require("onnx", "onnxruntime")  # the ONNX students are written after training
     device, rank = start_processes(cfg)
     try:
         with open(os.devnull, "w") if rank > 0 else nullcontext(sys.stdout) as out, redirect_stdout(out):
@@ -1877,7 +1934,8 @@ def run(cfg, argv: list[str], device: torch.device) -> dict:
           f"{amp_name(amp)}")
     fingerprint = settings_key(**{split: [(s["image_key"], s["text"], s["modality"], s["location"]) for s in samples]
                                   for split, samples in splits.items()})
-    meta = dict(student=kwargs, labels=names, tokenizer=tokenizer_name, tokenizer_files=pack_tokenizer(tokenizer),
+    packed = pack_tokenizer(tokenizer, [s["text"] for s in splits["train"][:200]])
+    meta = dict(student=kwargs, labels=names, tokenizer=tokenizer_name, tokenizer_files=packed,
                 vocab=vocab, data=fingerprint, max_tokens=cfg.MAX_TOKENS, image_size=cfg.IMAGE_SIZE,
                 normalization=(NORM_MEAN, NORM_STD), quantized=False)
     best = train_student(student, data, cfg, names, meta, device, amp)

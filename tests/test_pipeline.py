@@ -539,18 +539,32 @@ def run_predict(lvm, workdir: Path, args: list[str], capsys) -> list[dict]:
 
 
 def test_a_packed_bert_tokenizer_is_its_vocabulary_and_tokenizes_alike(lvm, tmp_path):
-    from transformers import BertTokenizerFast
+    from transformers import AutoTokenizer
     pieces = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "axial", "ct", "of", "the", "brain", "liver", "##s", "mr"]
     (tmp_path / "vocab.txt").write_text("\n".join(pieces) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"), do_lower_case=True)
-    packed = lvm.pack_tokenizer(tokenizer)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": True}))
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    text = "Axial CT of the Brains, liver: MR!"
+    assert len(tokenizer) == len(pieces) and tokenizer.unk_token_id in tokenizer(text)["input_ids"]  # for "," ":" "!"
+    assert tokenizer.convert_tokens_to_ids("brain") in tokenizer(text)["input_ids"]
+    packed = lvm.pack_tokenizer(tokenizer, [text])
     assert set(json.loads(gzip.decompress(packed))) == {"vocab.txt", "tokenizer_config.json"}  # not tokenizer.json
     again = lvm.unpack_tokenizer(packed)
-    text = "Axial CT of the Brains, liver: MR!"
     assert again(text)["input_ids"] == tokenizer(text)["input_ids"] and again.get_vocab() == tokenizer.get_vocab()
-    harmful = gzip.compress(json.dumps({"../../outside.txt": "x"}).encode())
+
+
+def test_a_packed_tokenizer_runs_no_code_and_reads_no_file_it_names(lvm, tmp_path, monkeypatch):
+    pieces = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "axial", "ct"]
+    (tmp_path / "other_vocab.txt").write_text("\n".join(pieces[:5] + ["brain"]) + "\n")
+    settings = {"tokenizer_class": "BertTokenizer", "auto_map": {"AutoTokenizer": ["someone/evil--tok.EvilTok", None]},
+                "vocab_file": str(tmp_path / "other_vocab.txt")}
+    crafted = gzip.compress(json.dumps({"vocab.txt": "\n".join(pieces) + "\n",
+                                        "tokenizer_config.json": json.dumps(settings)}).encode())
+    monkeypatch.setattr("builtins.input", lambda *a: pytest.fail("asked whether to run remote code"))
+    tokenizer = lvm.unpack_tokenizer(crafted)
+    assert tokenizer.get_vocab() == {piece: i for i, piece in enumerate(pieces)}  # its own vocab.txt, nothing else
     with pytest.raises(ValueError, match="unexpected tokenizer files"):
-        lvm.unpack_tokenizer(harmful)
+        lvm.unpack_tokenizer(gzip.compress(json.dumps({"../../outside.txt": "x"}).encode()))
     assert not (tmp_path.parent.parent / "outside.txt").exists()
 
 

@@ -437,3 +437,14 @@ def test_a_checkpoint_or_cache_that_holds_code_is_refused_and_runs_nothing(lvm, 
     store = crafted(tmp_path / "store.pt", marker, "a")
     assert lvm.cached(store, ["a"], lambda keys: {k: torch.zeros(1) for k in keys})["a"].shape == (1,)  # rebuilt
     assert not marker.exists()
+
+
+def test_an_onnx_file_that_refers_to_data_elsewhere_is_refused(lvm, demo_run, tmp_path):
+    import onnx
+    workdir, _ = demo_run
+    model = onnx.load(workdir / "results" / "lightweight_vlm.onnx")
+    onnx.save_model(model, tmp_path / "split.onnx", save_as_external_data=True, location="weights.bin", size_threshold=0)
+    Image.new("RGB", (20, 20)).save(tmp_path / "x.png")
+    message = stop_message(lambda: lvm.main(["predict", "--model", str(tmp_path / "split.onnx"), "--image",
+                                             str(tmp_path / "x.png")]))
+    assert "split.onnx: not a light-weight-vlm student file" in message and "(ValueError)" in message
