@@ -1627,7 +1627,7 @@ def write_report(path: Path, argv: list[str], cfg, data: dict, names: dict, metr
     lines += ["", "## Skipped samples", ""]
     lines += markdown_table(["reason", "count"], [[r, n] for r, n in metrics["skipped"].items()]) \
         if metrics["skipped"] else ["none"]
-    lines += ["", "## Teacher, student and int8 student", ""] + markdown_table(
+    lines += ["", "## Teacher, student and int8 students", ""] + markdown_table(
         ["model", "split", *RESULT_COLUMNS], [[name, split, *(f"{row[c]:.4f}" for c in RESULT_COLUMNS)]
                                               for name, split, row in result_rows(metrics)])
     lines += [part for line in compression_lines(metrics) for part in ("", line)]
