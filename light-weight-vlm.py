@@ -521,17 +521,13 @@ def load_images(samples: list[dict], size: int, cache_dir: Path, skipped: Counte
         except OSError as e:
             s["image_key"] = None
             warn_skip(skipped, "image unreadable", f"{s['image']}: {e.strerror or e}")
-    store = decoded_images({s["image_key"]: s["image"] for s in samples if s["image_key"]}, size, cache_dir, skipped)
+    paths = {s["image_key"]: s["image"] for s in samples if s["image_key"]}
+    store = cached(cache_dir / f"images-{settings_key(size=size, resize='antialias-v1')}.pt", list(paths),
+                   lambda keys: decode_all({k: paths[k] for k in keys}, size, skipped))
     for s in samples:
         if s["image_key"] not in store:
             s["image_key"] = None
     return store
-
-
-def decoded_images(paths: dict[str, str], size: int, cache_dir: Path, skipped: Counter) -> dict[str, torch.Tensor]:
-    """The images at paths (keyed by their content), decoded at size x size, from the cache or decoded now."""
-    return cached(cache_dir / f"images-{settings_key(size=size, resize='antialias-v1')}.pt", list(paths),
-                  lambda keys: decode_all({k: paths[k] for k in keys}, size, skipped))
 
 
 def decode_all(paths: dict[str, str], size: int, skipped: Counter) -> dict[str, torch.Tensor]:
@@ -807,8 +803,9 @@ def pack_tokenizer(tokenizer, texts: list[str]) -> bytes:
         files = {p.name: p.read_text(encoding="utf-8") for p in Path(folder).iterdir() if p.name in TOKENIZER_FILES}
     vocab = tokenizer.get_vocab()
     numbered = sorted(vocab.values()) == list(range(len(vocab)))  # vocab.txt can only number its pieces 0, 1, ...
-    forms = [{"tokenizer_config.json": files.get("tokenizer_config.json", "{}"),
-              "vocab.txt": "".join(f"{piece}\n" for piece in sorted(vocab, key=vocab.get))}] * numbered + [files]
+    word_pieces = {"tokenizer_config.json": files.get("tokenizer_config.json", "{}"),
+                   "vocab.txt": "".join(f"{piece}\n" for piece in sorted(vocab, key=vocab.get))}
+    forms = [word_pieces, files] if numbered else [files]
     for form in forms:
         packed = gzip.compress(json.dumps(form, sort_keys=True).encode(), 9, mtime=0)
         try:
@@ -1019,9 +1016,9 @@ def task_metrics(labels: torch.Tensor, predictions: torch.Tensor, n_classes: int
     occurring = sorted(set(labels.tolist()) | set(predictions.tolist()))
     precision, recall, f1, _ = precision_recall_fscore_support(labels, predictions, labels=occurring, average="macro",
                                                                zero_division=0)
+    # plain floats: older scikit-learn returns numpy scalars, which a checkpoint read with weights_only=True refuses
     return dict(acc=float(accuracy_score(labels, predictions)), precision=float(precision), recall=float(recall),
-                f1=float(f1), confusion=confusion_matrix(labels, predictions, labels=classes).tolist())  # plain floats:
-    # older scikit-learn returns numpy scalars, which a checkpoint loaded with weights_only=True refuses
+                f1=float(f1), confusion=confusion_matrix(labels, predictions, labels=classes).tolist())
 
 
 def mean_f1(metrics: list[dict]) -> float:
@@ -1078,8 +1075,8 @@ def save_checkpoint(path: Path, parts: dict, generator: torch.Generator, progres
                     device: torch.device) -> None:
     """Everything the next epoch depends on: every part's state, every random generator, the log so far.
     Tensors are saved on the CPU; of the GPUs, only the training device's generator is kept."""
-    name, keys, *rest = np.random.get_state()
-    rng = dict(python=random.getstate(), numpy=(name, torch.from_numpy(keys.astype(np.int64)), *rest),  # no numpy array
+    algorithm, keys, *rest = np.random.get_state()
+    rng = dict(python=random.getstate(), numpy=(algorithm, torch.from_numpy(keys.astype(np.int64)), *rest),  # no ndarray
                torch=torch.get_rng_state(), generator=generator.get_state(),
                cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
     checkpoint = {name: part.state_dict() for name, part in parts.items()} | dict(
@@ -1108,8 +1105,8 @@ def load_checkpoint(path: Path, parts: dict, generator: torch.Generator, setting
         part.load_state_dict(checkpoint[name])
     rng = checkpoint["rng"]
     random.setstate(rng["python"])
-    name, keys, *rest = rng["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    algorithm, keys, *rest = rng["numpy"]
+    np.random.set_state((algorithm, keys.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(rng["torch"])
     generator.set_state(rng["generator"])
     if rng["cuda"] is not None:  # the settings match, so this run is on a GPU too
@@ -1193,14 +1190,12 @@ class MovingAverage:
         self.module, self.decay, self.steps = copy.deepcopy(model).requires_grad_(False), decay, 0
         self.module.lstm.flatten_parameters()  # a deep copy's cuDNN LSTM weights are no longer one block
 
-    def decay_at(self, steps: int) -> float:
-        return min(self.decay, (1 + steps) / (10 + steps))
-
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         pairs = list(zip(self.module.state_dict().values(), model.state_dict().values()))
         floats = [(a, b) for a, b in pairs if a.is_floating_point()]
-        torch._foreach_lerp_([a for a, _ in floats], [b for _, b in floats], 1 - self.decay_at(self.steps))
+        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        torch._foreach_lerp_([a for a, _ in floats], [b for _, b in floats], 1 - decay)
         for a, b in pairs:
             if not a.is_floating_point():  # BatchNorm's batch counters
                 a.copy_(b)
@@ -1360,10 +1355,6 @@ def stderr_dropped():
             os.close(saved)
 
 
-def onnx_feeds(images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> dict:
-    return dict(zip(ONNX_INPUTS, (normalize(images).numpy(), ids.numpy(), mask.numpy())))
-
-
 def quantize_onnx(source: Path, calibration: Split) -> Path:
     """ONNX Runtime's int8 of the float model at source: static for the convolutions (QLinearConv, per-channel
     weights, activation ranges observed on the calibration samples), dynamic for the LSTM, the linear layers
@@ -1374,7 +1365,8 @@ def quantize_onnx(source: Path, calibration: Split) -> Path:
 
     class Feeds(CalibrationDataReader):
         def __init__(self):
-            self.batches = (onnx_feeds(calibration.images[i], calibration.ids[i], calibration.mask[i])
+            self.batches = (dict(zip(ONNX_INPUTS, (normalize(calibration.images[i]).numpy(),
+                                                   calibration.ids[i].numpy(), calibration.mask[i].numpy())))
                             for i in torch.arange(len(calibration.images)).split(64))
 
         def get_next(self):
@@ -1476,9 +1468,9 @@ def compress(student: nn.Module, data: dict[str, Split], cfg, meta: dict, device
     optimizer = adamw(list(student.parameters()), cfg.PRUNE_LR, cfg.WEIGHT_DECAY, device)
     scaler, generator = grad_scaler(device, amp), torch.Generator().manual_seed(cfg.SEED + 1)
     pruned = best = check("pruned", 0) | dict(epoch=0, state=copy.deepcopy(student.state_dict()))
+    distiller = Distiller(student, nn.ModuleDict(), cfg.IMAGE_ONLY_LOSS > 0)  # no feature term in the recovery
     for epoch in range(1, cfg.PRUNE_FINETUNE_EPOCHS + 1):
-        train_epoch(Distiller(student, nn.ModuleDict(), cfg.IMAGE_ONLY_LOSS > 0), data["train"], optimizer, None,
-                    scaler, cfg, device, amp, generator)
+        train_epoch(distiller, data["train"], optimizer, None, scaler, cfg, device, amp, generator)
         result = check("recovery", epoch)
         if result["score"] > best["score"]:
             best = result | dict(epoch=epoch, state=copy.deepcopy(student.state_dict()))
