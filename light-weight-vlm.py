@@ -301,12 +301,15 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def save_torch(path: Path, obj) -> None:
-    """torch.save through atomic_write, into an open file (given a path, the archive would record the temporary
-    file's name inside, and two runs' files would differ)."""
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-    atomic_write(path, write)
+    """torch.save, never half-written: under the file's own name in a private temporary folder beside it, then
+    renamed into place. torch.save records the file's name inside the archive, so a temporary file name would
+    make two runs' files differ; and given an open file instead, it writes through Python calls, in which a
+    Ctrl-C comes out as a RuntimeError rather than KeyboardInterrupt."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp") as folder:
+        torch.save(obj, Path(folder) / path.name)
+        os.replace(Path(folder) / path.name, path)
 
 
 def write_csv(path: Path, rows: list[list]) -> None:
