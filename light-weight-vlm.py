@@ -14,10 +14,12 @@ On several GPUs (or CPU processes), one process each, with torchrun; --nnodes fo
 Any constant in the CONFIG block can be overridden on the command line by its own name:
     python light-weight-vlm.py --EPOCHS 3 --VISION_TEACHER None --TEXT_TEACHER path/to/bert
 Stages: data -> teacher features (cached) -> teacher heads -> distillation -> pruning and
-int8 quantization (torch.ao and ONNX Runtime) -> evaluation -> CPU speed -> pictures and report.
+int8 quantization (torch.ao and ONNX Runtime) -> evaluation -> calibration (a temperature per task, fitted on dev,
+saved in each model file) -> CPU speed -> pictures and report.
 Outputs: logs/teacher.csv, logs/training_log.csv, logs/confusion_*_epoch_<n>.csv, logs/pruning.csv,
 results/lightweight_vlm.{pth,onnx}, results/lightweight_vlm_int8.{pt,onnx}, results/checkpoint.pt,
-results/metrics.json, results/learning_curves.png, results/confusion_{modality,location}.png, results/report.md.
+results/metrics.json, results/learning_curves.png, results/confusion_{modality,location}.png, results/calibration.png,
+results/report.md.
 Every model file carries its labels and tokenizer, and opening one never runs code from it.
 """
 
@@ -89,11 +91,17 @@ TEXT_DROPOUT = 0.5  # fraction of training samples whose whole text is removed
 IMAGE_ONLY_LOSS = 1.0  # weight of the same loss computed again with every text removed, so that the
 # image path learns to decide alone rather than lean on captions that 1653 samples let it overfit (0: off)
 # distillation: loss = (1 - KD_ALPHA) * CE + KD_ALPHA * T^2 * KL, per task
-KD_ALPHA = 0.5
+KD_ALPHA = (0.5, 0.5)  # per task: (modality, location)
 KD_TEMPERATURE = 4.0
 LABEL_SMOOTHING = 0.1
 FEATURE_KD = 3.0  # weight of the feature term: cosine distance of the student's image and text vectors,
 # through a linear adapter each, to the teacher's features of the same tower (0: off)
+# extra text-only training samples for the location head, since location is a case label: each train case gives one
+# per group of its Case fields below (the group's texts joined), with the teacher's location logits on that text, and
+# the student reads it with its image vector zeroed. The model's input stays Caption + History; no dev or test case
+# is read for this. (): none
+CASE_TEXTS = (("Title", "Findings"), ("Discussion",), ("Case Diagnosis", "Differential Diagnosis"))
+CASE_TEXT_LOSS = 1.0  # weight of their location loss (0: off)
 # training
 EPOCHS = 20
 BATCH_SIZE = 32  # per process: under torchrun the global batch is BATCH_SIZE x processes
@@ -185,14 +193,19 @@ def config_ranges(cfg: dict) -> list[tuple[str, bool, str]]:
     positive = ("IMAGE_SIZE", "MAX_TOKENS", "TEACHER_BATCH_SIZE", "HEAD_HIDDEN", "HEAD_EPOCHS", "HEAD_PATIENCE",
                 "HEAD_LR", "EMBED_DIM", "LSTM_HIDDEN", "FUSION_DIM", "KD_TEMPERATURE", "EPOCHS", "BATCH_SIZE",
                 "GRAD_ACCUM_STEPS", "LR", "GRAD_CLIP", "PRUNE_LR", "CALIBRATION_IMAGES", "SPEED_REPEATS")
-    fractions = ("DROPOUT", "TEXT_DROPOUT", "KD_ALPHA", "LABEL_SMOOTHING")
-    counts = ("WARMUP_EPOCHS", "FREEZE_EPOCHS", "PRUNE_FINETUNE_EPOCHS", "WEIGHT_DECAY", "FEATURE_KD", "IMAGE_ONLY_LOSS")
-    channels = cfg["CNN_CHANNELS"]
+    fractions = ("DROPOUT", "TEXT_DROPOUT", "LABEL_SMOOTHING")
+    counts = ("WARMUP_EPOCHS", "FREEZE_EPOCHS", "PRUNE_FINETUNE_EPOCHS", "WEIGHT_DECAY", "FEATURE_KD", "IMAGE_ONLY_LOSS",
+              "CASE_TEXT_LOSS")
+    channels, alpha, groups = cfg["CNN_CHANNELS"], cfg["KD_ALPHA"], cfg["CASE_TEXTS"]
     return ([(k, cfg[k] > 0, "> 0") for k in positive] + [(k, 0 <= cfg[k] <= 1, "in [0, 1]") for k in fractions] +
             [(k, cfg[k] >= 0, ">= 0") for k in counts] + [(k, 0 <= cfg[k] < 1, "in [0, 1)") for k in
                                                            ("PRUNE_AMOUNT", "EMA_DECAY")] + [
              ("CNN_CHANNELS", len(channels) > 0 and all(isinstance(c, int) and c > 0 for c in channels),
-              "a tuple of positive widths"), ("AMP_DTYPE", cfg["AMP_DTYPE"] in AMP_DTYPES, "one of " + ", ".join(AMP_DTYPES))])
+              "a tuple of positive widths"),
+             ("KD_ALPHA", len(alpha) == len(TASKS) and all(isinstance(a, (int, float)) and 0 <= a <= 1 for a in alpha),
+              "a (modality, location) pair of weights in [0, 1]"),
+             ("CASE_TEXTS", all(isinstance(g, tuple) and g and all(isinstance(f, str) for f in g) for g in groups),
+              "a tuple of groups of Case field names, like (('Title', 'Findings'),)"), ("AMP_DTYPE", cfg["AMP_DTYPE"] in AMP_DTYPES, "one of " + ", ".join(AMP_DTYPES))])
 
 
 def require(*modules: str) -> None:
@@ -362,10 +375,11 @@ def split_files(root: Path, split: str) -> tuple[Path, Path]:
     return folder / f"data_{split}.jsonl", folder / f"descriptions_{split}.jsonl"
 
 
-def assemble_text(caption: str | None, history: str | None) -> str:
-    """The model's input text: the image's Caption, then the case's History, so that truncation cuts
-    the shared case history rather than the image's own words. No label field ever enters it."""
-    return " ".join(part.strip() for part in (caption, history) if isinstance(part, str) and part.strip())
+def assemble_text(*parts: str | None) -> str:
+    """The parts that hold text, joined. The model's input text is assemble_text(Caption, History): the image's
+    Caption, then the case's History, so that truncation cuts the shared case history rather than the image's own
+    words. No label field ever enters it."""
+    return " ".join(part.strip() for part in parts if isinstance(part, str) and part.strip())
 
 
 def nested_text(record: dict, *keys: str) -> str | None:
@@ -395,10 +409,25 @@ def load_split(root: Path, split: str, skipped: Counter) -> list[dict]:
                                    nested_text(cases[record["U_id"]], "Case", "History")),
                 modality=record["Type"].strip(),
                 location=record["Location Category"].strip(),
+                case=record["U_id"],
             ))
     if not samples:
         fail(f"{desc_path}: no usable sample in split '{split}'")
     return samples
+
+
+def load_case_texts(root: Path, groups: tuple, train: list[dict]) -> list[dict]:
+    """The extra text-only training samples of CASE_TEXTS: for every case of the train samples, one per group of
+    its Case fields that holds text, with the case's location (where all its images have the same one). Only the
+    train split's data file is read."""
+    locations = {}
+    for s in train:
+        locations.setdefault(s["case"], set()).add(s["location"])
+    location = {case: names.pop() for case, names in locations.items() if len(names) == 1}  # else no case label
+    cases = {r["U_id"]: r for _, r in read_jsonl(split_files(root, "train")[0]) if r.get("U_id") in location}
+    texts = [dict(case=case, text=assemble_text(*(nested_text(record, "Case", field) for field in group)),
+                  location=location[case]) for case, record in cases.items() for group in groups]
+    return [t for t in texts if t["text"]]
 
 
 def warn_skip(skipped: Counter, reason: str, detail: str) -> None:
@@ -544,6 +573,18 @@ def decode_all(paths: dict[str, str], size: int, skipped: Counter) -> dict[str, 
 
 
 @dataclasses.dataclass
+class CaseTexts:
+    """Text-only training samples from train cases (CASE_TEXTS): they teach the location task only."""
+    ids: torch.Tensor  # the student's token ids, N x MAX_TOKENS
+    mask: torch.Tensor
+    location: torch.Tensor  # the case's location class
+    teacher: torch.Tensor  # the teacher's location logits on the text
+
+    def to(self, device: torch.device) -> "CaseTexts":
+        return CaseTexts(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
+
+
+@dataclasses.dataclass
 class Split:
     """One split's tensors, row i for sample i: what the student reads, the labels, and what the teacher made."""
     images: torch.Tensor  # uint8, N x 3 x IMAGE_SIZE x IMAGE_SIZE
@@ -552,11 +593,13 @@ class Split:
     labels: tuple[torch.Tensor, ...] = ()  # class index per task (TASKS order)
     teacher: tuple[torch.Tensor, ...] = ()  # the teacher's logits per task
     features: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # teacher backbone features per tower
+    case_texts: CaseTexts | None = None  # train only: the extra text-only samples of CASE_TEXTS
 
     def to(self, device: torch.device) -> "Split":
         return Split(self.images.to(device), self.ids.to(device), self.mask.to(device),
                      tuple(t.to(device) for t in self.labels), tuple(t.to(device) for t in self.teacher),
-                     {tower: f.to(device) for tower, f in self.features.items()})
+                     {tower: f.to(device) for tower, f in self.features.items()},
+                     self.case_texts and self.case_texts.to(device))
 
 
 # -----------------------------------------------------------------------------
@@ -654,6 +697,20 @@ def teacher_features(samples: list[dict], teacher: dict, cfg, device: torch.devi
             cfg.TEACHER_BATCH_SIZE, "text teacher"), shard=True)
         parts["text"] = torch.stack([store[sha256(s["text"])] for s in samples])
     return parts
+
+
+def case_text_features(texts: list[dict], train: list[dict], train_features: dict, teacher: dict, cfg,
+                       device: torch.device, amp: torch.dtype | None) -> dict:
+    """The teacher's features of the case texts: its text tower reads each text, and where it has a vision tower
+    the image feature is the mean of the case's train images' (a case text belongs to no one image)."""
+    parts = {}
+    if "image" in train_features:
+        rows = {}
+        for i, s in enumerate(train):
+            rows.setdefault(s["case"], []).append(i)
+        parts["image"] = torch.stack([train_features["image"][rows[t["case"]]].mean(0) for t in texts])
+    text_tower = {k: v for k, v in teacher.items() if k != "clip"}
+    return parts | (teacher_features(texts, text_tower, cfg, device, amp) if "text" in teacher else {})
 
 
 def teacher_heads(in_dim: int, n_modality: int, n_location: int, hidden: int) -> nn.Module:
@@ -887,14 +944,20 @@ class Distiller(nn.Module):
         self.student, self.adapters, self.image_only = student, adapters, image_only
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                lengths: torch.Tensor | None = None) -> tuple[list[tuple], dict]:
+                lengths: torch.Tensor | None = None, case_texts: tuple | None = None) -> tuple[list, dict, torch.Tensor | None]:
+        """case_texts: (ids, mask, lengths) of a batch of case texts, whose location logits come last."""
         vectors = self.student.embed(images, input_ids, attention_mask, lengths)
         logits = [self.student.classify(vectors)]
         if self.image_only:
             logits.append(self.student.classify(dict(vectors, text=torch.zeros_like(vectors["text"]))))
         with torch.autocast(images.device.type, enabled=False):  # fp32, like the teacher's features
             adapted = {tower: adapter(vectors[tower].float()) for tower, adapter in self.adapters.items()}
-        return logits, adapted
+        case_logits = None
+        if case_texts is not None:
+            text = self.student.encode_text(*case_texts)
+            no_image = text.new_zeros(len(text), self.student.widths["image"])
+            case_logits = self.student.classify(dict(image=no_image, text=text))[1]
+        return logits, adapted, case_logits
 
 
 # -----------------------------------------------------------------------------
@@ -930,7 +993,8 @@ def epoch_plan(data: Split, batch_size: int, text_dropout: float, generator: tor
     """Every random choice of one epoch for process rank of world, drawn at once on the CPU: its samples (every
     world-th of the epoch's permutation, which every process draws alike; the first few repeat so that all
     processes get as many, as DistributedSampler does), in batches each sorted by text length as packing
-    wants it, which samples lose their whole text, and the augmentation draws."""
+    wants it, which samples lose their whole text, and the augmentation draws. With case texts, their share of a
+    permutation of them, in as many batches, each sorted by length too ('texts': (rows, lengths) per batch)."""
     lengths = data.mask.sum(1).cpu()
     n = len(lengths)
     total = math.ceil(n / world) * world
@@ -938,10 +1002,21 @@ def epoch_plan(data: Split, batch_size: int, text_dropout: float, generator: tor
     order = torch.cat([order, order[:total - n]])[rank::world]
     keep_text = (torch.rand(total, generator=generator) >= text_dropout)[rank::world]
     lengths = lengths[order] * keep_text
-    by_length = torch.cat([chunk.sort(descending=True, stable=True).indices + start
+    by_length = torch.cat([sort_by_length(chunk) + start
                            for start, chunk in zip(range(0, len(order), batch_size), lengths.split(batch_size))])
     draws = torch.rand(total, AUGMENT_DRAWS, generator=generator)[rank::world]
-    return dict(order=order[by_length], keep_text=keep_text[by_length], lengths=lengths[by_length], draws=draws)
+    plan = dict(order=order[by_length], keep_text=keep_text[by_length], lengths=lengths[by_length], draws=draws)
+    if data.case_texts is not None:
+        text_lengths = data.case_texts.mask.sum(1).cpu()
+        share = torch.randperm(len(text_lengths), generator=generator)[rank::world]
+        batches = [rows[sort_by_length(text_lengths[rows])] for rows in share.tensor_split(math.ceil(len(order) / batch_size))]
+        plan["texts"] = [(rows, text_lengths[rows]) for rows in batches]
+    return plan
+
+
+def sort_by_length(lengths: torch.Tensor) -> torch.Tensor:
+    """The order that sorts a batch by decreasing text length, as packing wants it."""
+    return lengths.sort(descending=True, stable=True).indices
 
 
 def train_epoch(model: nn.Module, data: Split, optimizer, scheduler, scaler, cfg, device: torch.device,
@@ -957,6 +1032,7 @@ def train_epoch(model: nn.Module, data: Split, optimizer, scheduler, scaler, cfg
     model.train()
     plan = epoch_plan(data, cfg.BATCH_SIZE, cfg.TEXT_DROPOUT, generator, rank, world)
     order, keep_text, draws = (plan[k].to(device) for k in ("order", "keep_text", "draws"))
+    texts = data.case_texts
     starts = range(0, len(order), cfg.BATCH_SIZE)
     total = torch.zeros((), device=device)
     optimizer.zero_grad(set_to_none=True)
@@ -966,15 +1042,24 @@ def train_epoch(model: nn.Module, data: Split, optimizer, scheduler, scaler, cfg
         images = augment_images(data.images[idx], draws[batch])
         mask = data.mask[idx] * keep_text[batch, None]  # whole-text dropout
         targets = [(t[idx], y[idx]) for t, y in zip(data.teacher, data.labels)]
-        task_loss = lambda logits: sum(distillation_loss(lg, t, y, cfg.KD_ALPHA, cfg.KD_TEMPERATURE, cfg.LABEL_SMOOTHING)
-                                       for lg, (t, y) in zip(logits, targets))
+        task_loss = lambda logits: sum(distillation_loss(lg, t, y, alpha, cfg.KD_TEMPERATURE, cfg.LABEL_SMOOTHING)
+                                       for lg, (t, y), alpha in zip(logits, targets, cfg.KD_ALPHA))
+        case_batch = None
+        if texts is not None and len(plan["texts"][step - 1][0]):
+            rows, text_lengths = plan["texts"][step - 1]
+            rows = rows.to(device, non_blocking=True)
+            case_batch = (texts.ids[rows], texts.mask[rows], text_lengths)
         step_now = step % cfg.GRAD_ACCUM_STEPS == 0 or step == len(starts)
         with model.no_sync() if distributed and not step_now else nullcontext():  # gradients meet at the step only
             with autocast(device, amp):
-                logits, adapted = model(images, data.ids[idx], mask, plan["lengths"][batch])
+                logits, adapted, case_logits = model(images, data.ids[idx], mask, plan["lengths"][batch], case_batch)
                 loss = task_loss(logits[0])
                 if len(logits) > 1:
                     loss = loss + cfg.IMAGE_ONLY_LOSS * task_loss(logits[1])
+                if case_logits is not None:
+                    loss = loss + cfg.CASE_TEXT_LOSS * distillation_loss(
+                        case_logits, texts.teacher[rows], texts.location[rows], cfg.KD_ALPHA[TASKS.index("location")],
+                        cfg.KD_TEMPERATURE, cfg.LABEL_SMOOTHING)
             if adapted:
                 teacher_vectors = {tower: f[idx] for tower, f in data.features.items()}
                 loss = loss + cfg.FEATURE_KD * feature_loss(adapted, teacher_vectors, mask.sum(1) > 0)
@@ -1497,6 +1582,67 @@ def compress(student: nn.Module, data: dict[str, Split], cfg, meta: dict, device
 # evaluation and reporting
 
 
+ECE_BINS = 15  # equal-width confidence bins of the expected calibration error and the reliability diagram
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The temperature T that minimises the negative log-likelihood of softmax(logits / T) (Guo et al., 2017):
+    one scalar, so the predicted classes stay what they were. L-BFGS over log T keeps T positive."""
+    log_t = torch.zeros((), requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
+
+    def nll():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(logits.float() / log_t.exp(), labels)
+        loss.backward()
+        return loss
+    optimizer.step(nll)
+    return round(float(log_t.exp()), 4)
+
+
+def reliability(probabilities: torch.Tensor, labels: torch.Tensor) -> list[tuple[int, float, float]]:
+    """(samples, accuracy, mean confidence) of each non-empty bin of the top-label confidence, bin k holding the
+    confidences in (k / ECE_BINS, (k + 1) / ECE_BINS]."""
+    confidence, predicted = probabilities.max(1)
+    correct = (predicted == labels).float()
+    which = (confidence * ECE_BINS).ceil().long().clamp(1, ECE_BINS) - 1
+    return [(int(inside.sum()), float(correct[inside].mean()), float(confidence[inside].mean()))
+            for inside in (which == k for k in range(ECE_BINS)) if inside.any()]
+
+
+def calibration_error(probabilities: torch.Tensor, labels: torch.Tensor) -> float:
+    """Expected calibration error: the gap between accuracy and confidence per bin, weighted by the bin's samples."""
+    return round(sum(n * abs(accuracy - confidence) for n, accuracy, confidence in reliability(probabilities, labels))
+                 / len(labels), 4)
+
+
+def calibrate(model: nn.Module, data: dict[str, Split], path: Path) -> dict:
+    """Fit each task's temperature on the dev logits of the student in the file at path, write it into that file
+    (predict divides the logits by it), and return per task the temperature and the ECE on every evaluated split
+    before and after it, and the logits."""
+    logits = {split: predict(model, d, torch.device("cpu")) for split, d in data.items() if split != "train"}
+    report = {}
+    for i, task in enumerate(TASKS):
+        labels = {split: data[split].labels[i].cpu() for split in logits}
+        temperature = fit_temperature(logits["dev"][i], labels["dev"])
+        report[task] = dict(temperature=temperature) | {
+            f"{split}_ece_{when}": calibration_error((lg[i] / t).softmax(1), labels[split])
+            for split, lg in logits.items() for when, t in (("before", 1.0), ("after", temperature))}
+    save_temperature(path, {task: report[task]["temperature"] for task in TASKS})
+    return dict(report=report, logits=logits)
+
+
+def save_temperature(path: Path, temperature: dict[str, float]) -> None:
+    if path.suffix == ".onnx":
+        import onnx
+        proto = onnx.load(str(path))
+        entry = next(e for e in proto.metadata_props if e.key == "light_weight_vlm")
+        entry.value = json.dumps(json.loads(entry.value) | dict(temperature=temperature))
+        atomic_write(path, lambda tmp: tmp.write_bytes(proto.SerializeToString()))
+    else:
+        save_torch(path, torch.load(path, map_location="cpu", weights_only=True) | dict(temperature=temperature))
+
+
 def summary(metrics: dict[str, dict]) -> dict:
     return {f"{task}_{k}": round(float(metrics[task][k]), 4) for task in TASKS for k in ("acc", "f1")}
 
@@ -1541,11 +1687,20 @@ def compression_lines(metrics: dict) -> list[str]:
             f"{timing('batch32_per_s', 'samples/s')}"]
 
 
+def calibration_lines(metrics: dict) -> list[str]:
+    """Per student file and task: the temperature fitted on dev, and the ECE before -> after it on each split."""
+    splits = lambda values: [k.removesuffix("_ece_before") for k in values if k.endswith("_ece_before")]
+    return [f"{name.replace('_', ' ')}, ECE before -> after the temperature T fitted on dev: " + "; ".join(
+        f"{task} T {values['temperature']:g}, " + ", ".join(
+            f"{split} {values[f'{split}_ece_before']:.3f} -> {values[f'{split}_ece_after']:.3f}" for split in splits(values))
+        for task, values in report.items()) for name, report in metrics["calibration"].items()]
+
+
 def print_table(metrics: dict) -> None:
     print(f"\n{'model':<32}{'split':<7}" + "".join(f"{c:>14}" for c in RESULT_COLUMNS))
     for name, split, row in result_rows(metrics):
         print(f"{name:<32}{split:<7}" + "".join(f"{row[c]:>14.4f}" for c in RESULT_COLUMNS))
-    print("\n".join(compression_lines(metrics)))
+    print("\n".join(compression_lines(metrics) + calibration_lines(metrics)))
 
 
 # -----------------------------------------------------------------------------
@@ -1602,6 +1757,27 @@ def plot_confusions(confusions: dict[str, list[list[int]]], names: list[str], ta
     save_figure(fig, path)
 
 
+def plot_calibration(calibrated: dict, labels: dict[str, tuple], model: str, path: Path) -> None:
+    """Reliability diagram per task and split: accuracy against mean confidence per bin, before and after the
+    temperature fitted on dev."""
+    import matplotlib.pyplot as plt
+    report, logits = calibrated["report"], calibrated["logits"]
+    fig, axes = plt.subplots(len(TASKS), len(logits), figsize=(4.5 * len(logits), 4.2 * len(TASKS)), squeeze=False)
+    for i, task in enumerate(TASKS):
+        for ax, (split, split_logits) in zip(axes[i], logits.items()):
+            ax.plot([0, 1], [0, 1], linestyle="--", color="0.6", label="calibrated")
+            for when, temperature in (("before", 1.0), ("after", report[task]["temperature"])):
+                bins = reliability((split_logits[i] / temperature).softmax(1), labels[split][i].cpu())
+                ax.plot([c for _, _, c in bins], [a for _, a, _ in bins], marker="o",
+                        label=f"{when}, T = {temperature:g}: ECE {report[task][f'{split}_ece_{when}']:.3f}")
+            ax.set(title=f"{task}, {split}", xlabel="confidence", ylabel="accuracy", xlim=(0, 1.02), ylim=(0, 1.02))
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8, loc="upper left")
+    fig.suptitle(f"{model}: reliability in {ECE_BINS} confidence bins, before and after the temperature fitted on dev")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
 def markdown_table(header: list, rows: list[list]) -> list[str]:
     return ["| " + " | ".join(map(str, header)) + " |", "|" + " --- |" * len(header)] + \
            ["| " + " | ".join(map(str, row)) + " |" for row in rows]
@@ -1619,6 +1795,9 @@ def write_report(path: Path, argv: list[str], cfg, data: dict, names: dict, metr
         lines += ["", f"## Data: {task}", ""] + markdown_table(
             ["split", *names[task], "total"],
             [[split, *(c[i] for i in range(len(names[task]))), sum(c.values())] for split, c in counts.items()])
+    if data["train"].case_texts is not None:
+        lines += ["", f"Case texts (CASE_TEXTS), text-only location samples of train cases: "
+                      f"{len(data['train'].case_texts.location)}"]
     lines += ["", "## Skipped samples", ""]
     lines += markdown_table(["reason", "count"], [[r, n] for r, n in metrics["skipped"].items()]) \
         if metrics["skipped"] else ["none"]
@@ -1626,6 +1805,9 @@ def write_report(path: Path, argv: list[str], cfg, data: dict, names: dict, metr
         ["model", "split", *RESULT_COLUMNS], [[name, split, *(f"{row[c]:.4f}" for c in RESULT_COLUMNS)]
                                               for name, split, row in result_rows(metrics)])
     lines += [part for line in compression_lines(metrics) for part in ("", line)]
+    lines += ["", f"## Calibration ({ECE_BINS}-bin expected calibration error)", ""]
+    lines += [part for line in calibration_lines(metrics) for part in (line, "")]
+    lines += ["![reliability diagram](calibration.png)"]
     lines += ["", f"best checkpoint: epoch {metrics['best_epoch']}", "",
               "## Wall time per stage", ""] + markdown_table(["stage", "seconds"], [[k, v] for k, v in stages.items()])
     lines += ["", "## Learning curves", "", "![learning curves](learning_curves.png)", "",
@@ -1662,7 +1844,9 @@ def read_image_or_fail(path: str, size: int) -> torch.Tensor:
 
 
 def predict_images(argv: list[str]) -> list[dict]:
-    """Print and return, per image: the predicted modality and location and each class's probability."""
+    """Print and return, per image: the predicted modality and location and each class's probability, from the
+    logits divided by the model file's temperature (fitted on dev, so that a probability of 0.9 is right about 90 %
+    of the time there)."""
     args = parse_predict(argv)
     if not Path(args.model).is_file():
         fail(f"{args.model}: no such model file (train one with: python light-weight-vlm.py)")
@@ -1696,7 +1880,8 @@ def predict_images(argv: list[str]) -> list[dict]:
     for i, path in enumerate(args.image):
         row = dict(image=path, with_text=bool(texts[i].strip()))
         for task, task_logits in zip(TASKS, logits):
-            names, probabilities = meta["labels"][task], task_logits[i].softmax(0)
+            names, temperature = meta["labels"][task], meta.get("temperature", {}).get(task, 1.0)  # 1: an older file
+            probabilities = (task_logits[i] / temperature).softmax(0)
             row[task] = names[int(probabilities.argmax())]
             row[f"{task}_probabilities"] = {name: round(float(p), 4) for name, p in zip(names, probabilities)}
         print(json.dumps(row))
@@ -1773,7 +1958,8 @@ def make_demo_data(root: Path, seed: int, sizes: dict[str, int] = None) -> None:
                     "Plane": "Axial", "Age": str(rng.randint(5, 90))},
                     "Location": f"{location} (demo)", "Location Category": location})
             cases.append({"U_id": uid, "TAC": images["CT"], "MRI": images["MR"], "Case": {
-                "History": rng.choice(DEMO_FILLER), "Title": "demo case"}, "Topic": {"Category": "demo"}})
+                "History": rng.choice(DEMO_FILLER), "Title": "demo case",
+                "Findings": f"lesion of the {DEMO_WORDS[location].split()[0]}"}, "Topic": {"Category": "demo"}})
         for path, records in zip(split_files(root, split), (cases, descriptions)):
             write_jsonl(path, records)
 
@@ -1895,13 +2081,22 @@ def run(cfg, argv: list[str], device: torch.device) -> dict:
     teacher = load_teacher(cfg)
     teacher_params = sum(count_parameters(teacher[k]) for k in ("clip", "text") if k in teacher)
     features = {split: teacher_features(samples, teacher, cfg, device, amp) for split, samples in splits.items()}
+    case_texts = load_case_texts(root, cfg.CASE_TEXTS, splits["train"]) if cfg.CASE_TEXT_LOSS > 0 else []
+    if case_texts:
+        features["case_texts"] = case_text_features(case_texts, splits["train"], features["train"], teacher, cfg,
+                                                    device, amp)
+        print(f"case texts: {len(case_texts)} from {len({t['case'] for t in case_texts})} train cases, for location")
     tokenizer = student_tokenizer(cfg, teacher)
-    vocab = student_vocabulary(tokenizer, [s["text"] for s in splits["train"]], cfg.MAX_TOKENS)
+    vocab = student_vocabulary(tokenizer, [s["text"] for s in splits["train"] + case_texts], cfg.MAX_TOKENS)
     data = {split: prepare_split(samples, images, tokenizer, vocab, names, split, cfg)
             for split, samples in splits.items()}
     heads, teacher_logits = train_teacher_heads({s: torch.cat(list(f.values()), dim=1) for s, f in features.items()},
                                                 {s: d.labels for s, d in data.items()}, n_classes, cfg)
     teacher_params += count_parameters(heads)
+    if case_texts:
+        data["train"].case_texts = CaseTexts(*tokenize(tokenizer, [t["text"] for t in case_texts], cfg.MAX_TOKENS, vocab),
+                                             encode_labels(case_texts, "location", names["location"], "train"),
+                                             teacher_logits.pop("case_texts")[TASKS.index("location")])
     data = {split: dataclasses.replace(d, teacher=teacher_logits[split], features=features[split]).to(device)
             for split, d in data.items()}
     metrics = {"teacher": {s: summary(evaluate_logits(teacher_logits[s], data[s], names)) for s in data}}
@@ -1928,7 +2123,7 @@ def run(cfg, argv: list[str], device: torch.device) -> dict:
     print(f"parameters: teacher {teacher_params:,} | student {count_parameters(student):,} | device {device}, "
           f"{amp_name(amp)}")
     fingerprint = settings_key(**{split: [(s["image_key"], s["text"], s["modality"], s["location"]) for s in samples]
-                                  for split, samples in splits.items()})
+                                  for split, samples in splits.items()}, case_texts=case_texts)
     packed = pack_tokenizer(tokenizer, [s["text"] for s in splits["train"][:200]])
     meta = dict(student=kwargs, labels=names, tokenizer=tokenizer_name, tokenizer_files=packed,
                 vocab=vocab, data=fingerprint, max_tokens=cfg.MAX_TOKENS, image_size=cfg.IMAGE_SIZE,
@@ -1959,6 +2154,9 @@ def run(cfg, argv: list[str], device: torch.device) -> dict:
     metrics["pruning"] = compressed["report"]
     metrics["teacher"].pop("train")
     marks.append(("evaluation", time.time()))
+    calibrated = {name: calibrate(open_student(path)[0], data, path) for name, path in files.items()}
+    metrics["calibration"] = {name: c["report"] for name, c in calibrated.items()}
+    marks.append(("calibration", time.time()))
     timed = dict(float=load_student(files["student"])[0], int8=int8["int8"],
                  onnx_int8=OnnxStudent(compressed["onnx_path"], threads=1))
     metrics["speed"] = {name: cpu_speed(model, cfg.IMAGE_SIZE, len(vocab), cfg.MAX_TOKENS, cfg.SPEED_REPEATS)
@@ -1981,6 +2179,8 @@ def run(cfg, argv: list[str], device: torch.device) -> dict:
     for task in TASKS:
         plot_confusions({split: e[task]["confusion"] for split, e in evaluation.items()}, names[task], task,
                         results / f"confusion_{task}.png")
+    plot_calibration(calibrated["student_onnx_int8"], {split: data[split].labels for split in evaluation},
+                     "ONNX int8 student", results / "calibration.png")
     marks.append(("pictures", time.time()))
     stages = {stage: round(end - start, 1) for (_, start), (stage, end) in zip(marks, marks[1:])}
     write_report(results / "report.md", argv, cfg, data, names, metrics, stages)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "light-weight-vlm.py"
 ROWS = {
-    "no-distillation": ["--KD_ALPHA", "0", "--FEATURE_KD", "0"],
+    "no-distillation": ["--KD_ALPHA", "(0, 0)", "--FEATURE_KD", "0"],
     "random-embedding": ["--PCA_EMBEDDING", "False"],
     "default": [],
 }

@@ -47,6 +47,25 @@ def test_text_is_caption_then_history_and_never_a_label_field(lvm, tmp_path):
         assert all(label not in s["text"] for s in samples)
 
 
+def test_case_texts_come_from_train_cases_only_one_per_field_group_with_the_case_location(lvm, tmp_path):
+    case = lambda uid, **fields: {"U_id": uid, "Case": {"History": "HISTORY", **fields}}
+    image = lambda uid, name, location: {"Type": "CT", "U_id": uid, "image": name, "Location Category": location,
+                                         "Description": {"Caption": "c"}}
+    write_split(tmp_path, "train", [case("A", Title="Title A", Findings="findings A", Discussion="talk A"),
+                                    case("B", Title="Title B", Findings=None, Discussion=" "),
+                                    case("C", Title="Title C"),  # images of two locations: no case label
+                                    case("D", Title="Title D")],  # no usable image sample
+                [image("A", "a1", "Head"), image("A", "a2", "Head"), image("B", "b1", "Thorax"),
+                 image("C", "c1", "Head"), image("C", "c2", "Thorax")])
+    write_split(tmp_path, "dev", [case("A", Title="DEV TITLE"), case("E", Title="DEV TITLE")], [image("E", "e1", "Head")])
+    train = lvm.load_split(tmp_path, "train", Counter())
+    texts = lvm.load_case_texts(tmp_path, (("Title", "Findings"), ("Discussion",), ("History",)), train)
+    assert texts == [dict(case="A", text="Title A findings A", location="Head"),
+                     dict(case="A", text="talk A", location="Head"), dict(case="A", text="HISTORY", location="Head"),
+                     dict(case="B", text="Title B", location="Thorax"), dict(case="B", text="HISTORY", location="Thorax")]
+    assert lvm.load_case_texts(tmp_path, (), train) == []
+
+
 def test_unparsable_json_line_names_file_and_line(lvm, tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"a": 1}\n{"a": \n')
@@ -218,6 +237,46 @@ def test_epoch_plan_sorts_each_batch_by_text_length_and_drops_whole_texts(lvm):
     assert plan["draws"].shape == (70, lvm.AUGMENT_DRAWS)
 
 
+def case_texts(lvm, n=20, tokens=8, location=3):
+    lengths = torch.randint(1, tokens + 1, (n, 1))
+    return lvm.CaseTexts(torch.full((n, tokens), 7), (torch.arange(tokens) < lengths).long(),
+                         torch.full((n,), location), torch.nn.functional.one_hot(torch.full((n,), location), 5) * 5.0)
+
+
+def test_epoch_plan_spreads_each_case_text_once_over_the_image_batches(lvm):
+    data = tiny_split(lvm, n=70)
+    data.case_texts = case_texts(lvm, n=45)
+    plan = lvm.epoch_plan(data, 32, 0.5, torch.Generator().manual_seed(0))
+    assert len(plan["texts"]) == 3  # as many as image batches (70 samples in batches of 32)
+    assert sorted(torch.cat([rows for rows, _ in plan["texts"]]).tolist()) == list(range(45))
+    for rows, lengths in plan["texts"]:
+        assert torch.equal(lengths, data.case_texts.mask.sum(1)[rows]) and torch.equal(lengths, lengths.sort(descending=True).values)
+    shares = [lvm.epoch_plan(data, 16, 0.5, torch.Generator().manual_seed(0), rank, 2)["texts"] for rank in (0, 1)]
+    assert len(shares[0]) == len(shares[1]) == 3  # every process takes as many steps
+    assert sorted(torch.cat([rows for share in shares for rows, _ in share]).tolist()) == list(range(45))
+
+
+def test_case_texts_teach_the_location_head_to_read_text_without_an_image(lvm):
+    """Case texts all say token 7 and location 3; the image samples never do. After training with them, the
+    student reads token 7 with no image as location 3; without them it has no reason to."""
+    def trained(with_texts: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        data = tiny_split(lvm)
+        data.case_texts = case_texts(lvm) if with_texts else None
+        student = small_student(lvm)
+        cfg = lvm.parse_config(["--BATCH_SIZE", "16", "--IMAGE_ONLY_LOSS", "0"])
+        optimizer = torch.optim.AdamW(student.parameters(), lr=1e-2)
+        for _ in range(4):
+            lvm.train_epoch(lvm.Distiller(student, torch.nn.ModuleDict(), False), data, optimizer, None,
+                            torch.amp.GradScaler("cpu", enabled=False), cfg, torch.device("cpu"), None,
+                            torch.Generator().manual_seed(0))
+        student.eval()
+        with torch.no_grad():
+            text = student.encode_text(torch.full((4, 8), 7), torch.ones(4, 8, dtype=torch.long))
+            return student.classify(dict(image=torch.zeros(4, student.widths["image"]), text=text))[1].softmax(1)[:, 3]
+    assert trained(True).min() > 0.9 and trained(False).max() < 0.5
+
+
 def test_augmentation_draws_map_to_identity_flip_and_intensity(lvm):
     images = torch.randint(0, 256, (2, 3, 12, 12), dtype=torch.uint8)
     neutral = [1 - 1e-7, math.log(1 / 0.9) / math.log(1.1 / 0.9), 0.5, 0.5, 0.5, 0.9, 0.5, 0.5]
@@ -326,6 +385,19 @@ def tiny_teacher(lvm, tmp_path_factory):
     return cfg, lvm.load_teacher(cfg)
 
 
+def test_case_text_features_read_the_text_and_average_the_case_images(lvm, tiny_teacher):
+    cfg, teacher = tiny_teacher
+    cpu = torch.device("cpu")
+    train = [dict(case="A"), dict(case="B"), dict(case="A")]
+    texts = [dict(case="A", text="lesion of the brain"), dict(case="B", text="chest")]
+    parts = lvm.case_text_features(texts, train, {"image": torch.tensor([[1.0, 0.0], [5.0, 5.0], [3.0, 2.0]])},
+                                   teacher, cfg, cpu, None)
+    assert list(parts) == ["image", "text"]  # the order the teacher's heads read them in
+    assert torch.equal(parts["image"], torch.tensor([[2.0, 1.0], [5.0, 5.0]]))
+    expected = lvm.text_features(teacher["text"], teacher["tokenizer"], [t["text"] for t in texts], cfg.MAX_TOKENS, cpu, None)
+    assert torch.allclose(parts["text"], expected, atol=1e-5)
+
+
 def test_tiny_clip_and_distilbert_load_through_from_pretrained(tiny_teacher):
     from transformers import CLIPModel, DistilBertModel
     cfg, teacher = tiny_teacher
@@ -406,7 +478,9 @@ def test_config_overrides_by_name(lvm, capsys):
 
 
 @pytest.mark.parametrize("key,value,expected", [("EPOCHS", "-1", "> 0"), ("HEAD_EPOCHS", "0", "> 0"),
-                                                ("PRUNE_AMOUNT", "1.0", "in [0, 1)"), ("KD_ALPHA", "1.5", "in [0, 1]"),
+                                                ("PRUNE_AMOUNT", "1.0", "in [0, 1)"), ("KD_ALPHA", "(0.5, 1.5)", "a (modality, location) pair of weights in [0, 1]"),
+                                                ("KD_ALPHA", "(0.5,)", "a (modality, location) pair of weights in [0, 1]"),
+                                                ("CASE_TEXTS", "(('Title', 3),)", "a tuple of groups of Case field names, like (('Title', 'Findings'),)"),
                                                 ("CNN_CHANNELS", "()", "a tuple of positive widths")])
 def test_out_of_range_values_stop_with_one_line(lvm, key, value, expected, capsys):
     with pytest.raises(SystemExit) as e:
@@ -453,6 +527,15 @@ def test_demo_run_writes_every_output(lvm, demo_run):
     assert saved["student_int8_file_bytes"] == (workdir / "results" / "lightweight_vlm_int8.pt").stat().st_size
     assert saved["student_int8_file_bytes"] < saved["student_file_bytes"]
     assert saved["student_params"] > 0 and saved["teacher_params"] > 0
+    for name, file in (("student", "lightweight_vlm.pth"), ("student_onnx", "lightweight_vlm.onnx"),
+                       ("student_int8", "lightweight_vlm_int8.pt"), ("student_onnx_int8", "lightweight_vlm_int8.onnx")):
+        calibration = saved["calibration"][name]
+        assert lvm.open_student(workdir / "results" / file)[1]["temperature"] == {
+            task: calibration[task]["temperature"] for task in lvm.TASKS}
+        for task in lvm.TASKS:
+            assert set(calibration[task]) == {"temperature"} | {f"{split}_ece_{when}" for split in ("dev", "test")
+                                                                for when in ("before", "after")}
+            assert all(0 <= v <= 1 for k, v in calibration[task].items() if "ece" in k)
     assert not list(workdir.rglob(".*.tmp"))  # no half-written file left behind
 
 
@@ -575,7 +658,9 @@ def test_predict_prints_one_json_object_per_image_from_either_file(lvm, demo_run
     samples = lvm.load_split(workdir / lvm.DEMO["DATA_ROOT"], "dev", Counter())[:3]
     images = [str(Path(s["image"]).relative_to(workdir)) for s in samples]
     for file in ("lightweight_vlm_int8.onnx", "lightweight_vlm.onnx", "lightweight_vlm_int8.pt", "lightweight_vlm.pth"):
-        model, _ = lvm.open_student(workdir / "results" / file)
+        model, file_meta = lvm.open_student(workdir / "results" / file)
+        temperature = file_meta["temperature"]
+        assert all(t > 0 and t != 1 for t in temperature.values())
         for texts in ([s["text"] for s in samples], []):
             args = ["--model", f"results/{file}", "--image", *images] + [a for t in texts for a in ("--text", t)]
             rows = run_predict(lvm, workdir, args, capsys)
@@ -588,7 +673,8 @@ def test_predict_prints_one_json_object_per_image_from_either_file(lvm, demo_run
                     assert list(probabilities) == meta["labels"][task]
                     assert sum(probabilities.values()) == pytest.approx(1, abs=1e-3)
                     assert row[task] == meta["labels"][task][int(lg.argmax())]
-                    assert list(probabilities.values()) == pytest.approx(lg.softmax(0).tolist(), abs=1e-4)
+                    assert list(probabilities.values()) == pytest.approx((lg / temperature[task]).softmax(0).tolist(),
+                                                                         abs=1e-4)
 
 
 def test_onnx_students_match_the_torch_ones_and_carry_what_predict_needs(lvm, demo_run):
@@ -660,7 +746,7 @@ def test_demo_run_draws_pictures_and_a_report_with_the_runs_numbers(lvm, demo_ru
     workdir, _ = demo_run
     results = workdir / "results"
     for name, (min_width, min_height) in (("learning_curves.png", (800, 500)), ("confusion_modality.png", (400, 300)),
-                                          ("confusion_location.png", (600, 400))):
+                                          ("confusion_location.png", (600, 400)), ("calibration.png", (600, 600))):
         with Image.open(results / name) as image:
             assert image.format == "PNG"
             assert min_width <= image.width <= 4000 and min_height <= image.height <= 3000
@@ -679,8 +765,33 @@ def test_demo_run_draws_pictures_and_a_report_with_the_runs_numbers(lvm, demo_ru
     assert f"| {n_train} |" in report.split("## Data: modality")[1].split("\n| dev")[0]
     for stage in ("data", "teacher", "distillation", "pruning and quantization", "evaluation", "pictures"):
         assert f"| {stage} | " in report
-    for picture in ("learning_curves.png", "confusion_modality.png", "confusion_location.png"):
+    for picture in ("learning_curves.png", "confusion_modality.png", "confusion_location.png", "calibration.png"):
         assert f"]({picture})" in report
+    location = saved["calibration"]["student_onnx_int8"]["location"]
+    assert (f"location T {location['temperature']:g}, dev {location['dev_ece_before']:.3f} -> "
+            f"{location['dev_ece_after']:.3f}, test {location['test_ece_before']:.3f}") in report
+    n_cases = len((workdir / lvm.DEMO["DATA_ROOT"] / "splitted_dataset" / "data_train.jsonl").read_text().splitlines())
+    assert f"text-only location samples of train cases: {n_cases}" in report  # one Title + Findings text per case
+
+
+def test_temperature_fitted_on_overconfident_logits_recovers_their_scale(lvm):
+    torch.manual_seed(0)
+    logits = 2 * torch.randn(5000, 4)
+    labels = torch.distributions.Categorical(logits=logits).sample()  # softmax(logits) is calibrated by construction
+    temperature = lvm.fit_temperature(3 * logits, labels)
+    assert temperature == pytest.approx(3, rel=0.1)
+    before = lvm.calibration_error((3 * logits).softmax(1), labels)
+    after = lvm.calibration_error((3 * logits / temperature).softmax(1), labels)
+    assert after < 0.03 < 0.1 < before
+
+
+def test_calibration_error_weighs_each_confidence_bin_by_its_samples(lvm):
+    probabilities = torch.tensor([[0.95, 0.05]] * 4 + [[0.3, 0.7]] * 2 + [[0.45, 0.55]])
+    labels = torch.tensor([0, 0, 1, 1, 1, 0, 1])
+    assert lvm.reliability(probabilities, labels) == [  # bins (0.533, 0.6], (0.667, 0.733] and (0.933, 1]
+        (1, 1.0, pytest.approx(0.55)), (2, 0.5, pytest.approx(0.7)), (4, 0.5, pytest.approx(0.95))]
+    assert lvm.calibration_error(probabilities, labels) == pytest.approx((0.45 + 2 * 0.2 + 4 * 0.45) / 7, abs=1e-4)
+    assert lvm.reliability(torch.tensor([[0.0, 1.0]]), torch.tensor([1])) == [(1, 1.0, 1.0)]  # 1.0 is in the last bin
 
 
 def test_macro_scores_ignore_classes_that_never_occur(lvm):
@@ -703,3 +814,6 @@ def test_medpix_splits_parse_with_expected_counts(lvm):
     assert lvm.label_names(train, "location") == sorted(["Head", "Abdomen", "Thorax", "Spine and Muscles",
                                                          "Reproductive and Urinary System"])
     assert sum(bool(s["text"]) for s in train) > 1600
+    texts = lvm.load_case_texts(MEDPIX, lvm.CASE_TEXTS, train)
+    assert len(texts) == 1414 and len({t["case"] for t in texts}) == 535
+    assert not {t["case"] for t in texts} & {s["case"] for s in dev}

@@ -184,7 +184,8 @@ def test_a_device_this_machine_lacks_stops_with_one_line(tmp_path, device, expec
 
 @pytest.mark.parametrize("argv, expected", [(["--EPOCHS", "-3"], "--EPOCHS must be > 0, got -3"),
                                             (["--PRUNE_AMOUNT", "1"], "--PRUNE_AMOUNT must be in [0, 1), got 1.0"),
-                                            (["--KD_ALPHA", "-0.1"], "--KD_ALPHA must be in [0, 1], got -0.1"),
+                                            (["--KD_ALPHA", "(-0.1, 0.5)"],
+                                             "--KD_ALPHA must be a (modality, location) pair of weights in [0, 1], got (-0.1, 0.5)"),
                                             (["--EPOCH", "3"], "unrecognized arguments: --EPOCH 3"),
                                             (["--learning-rate", "3"], "unrecognized arguments: --learning-rate 3"),
                                             (["--AMP_DTYPE", "float16"],
