@@ -205,7 +205,8 @@ def config_ranges(cfg: dict) -> list[tuple[str, bool, str]]:
              ("KD_ALPHA", len(alpha) == len(TASKS) and all(isinstance(a, (int, float)) and 0 <= a <= 1 for a in alpha),
               "a (modality, location) pair of weights in [0, 1]"),
              ("CASE_TEXTS", all(isinstance(g, tuple) and g and all(isinstance(f, str) for f in g) for g in groups),
-              "a tuple of groups of Case field names, like (('Title', 'Findings'),)"), ("AMP_DTYPE", cfg["AMP_DTYPE"] in AMP_DTYPES, "one of " + ", ".join(AMP_DTYPES))])
+              "a tuple of groups of Case field names, like (('Title', 'Findings'),)"),
+             ("AMP_DTYPE", cfg["AMP_DTYPE"] in AMP_DTYPES, "one of " + ", ".join(AMP_DTYPES))])
 
 
 def require(*modules: str) -> None:
@@ -936,7 +937,8 @@ def feature_adapters(student: Student, features: dict) -> nn.ModuleDict:
 
 class Distiller(nn.Module):
     """The student and its feature adapters as one module whose forward returns everything the loss reads:
-    the logits, those with the text removed (with image_only), and the adapted vectors. One module, because
+    the logits, those with the text removed (with image_only), the adapted vectors, and the location logits of a
+    batch of case texts (or None). One module, because
     DistributedDataParallel only synchronises the gradients of what its forward runs."""
 
     def __init__(self, student: Student, adapters: nn.ModuleDict, image_only: bool):
@@ -944,7 +946,8 @@ class Distiller(nn.Module):
         self.student, self.adapters, self.image_only = student, adapters, image_only
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                lengths: torch.Tensor | None = None, case_texts: tuple | None = None) -> tuple[list, dict, torch.Tensor | None]:
+                lengths: torch.Tensor | None = None,
+                case_texts: tuple | None = None) -> tuple[list, dict, torch.Tensor | None]:
         """case_texts: (ids, mask, lengths) of a batch of case texts, whose location logits come last."""
         vectors = self.student.embed(images, input_ids, attention_mask, lengths)
         logits = [self.student.classify(vectors)]
@@ -1009,7 +1012,8 @@ def epoch_plan(data: Split, batch_size: int, text_dropout: float, generator: tor
     if data.case_texts is not None:
         text_lengths = data.case_texts.mask.sum(1).cpu()
         share = torch.randperm(len(text_lengths), generator=generator)[rank::world]
-        batches = [rows[sort_by_length(text_lengths[rows])] for rows in share.tensor_split(math.ceil(len(order) / batch_size))]
+        steps = math.ceil(len(order) / batch_size)
+        batches = [rows[sort_by_length(text_lengths[rows])] for rows in share.tensor_split(steps)]
         plan["texts"] = [(rows, text_lengths[rows]) for rows in batches]
     return plan
 
@@ -1044,11 +1048,12 @@ def train_epoch(model: nn.Module, data: Split, optimizer, scheduler, scaler, cfg
         targets = [(t[idx], y[idx]) for t, y in zip(data.teacher, data.labels)]
         task_loss = lambda logits: sum(distillation_loss(lg, t, y, alpha, cfg.KD_TEMPERATURE, cfg.LABEL_SMOOTHING)
                                        for lg, (t, y), alpha in zip(logits, targets, cfg.KD_ALPHA))
-        case_batch = None
+        case_batch = case_targets = None
         if texts is not None and len(plan["texts"][step - 1][0]):
             rows, text_lengths = plan["texts"][step - 1]
             rows = rows.to(device, non_blocking=True)
             case_batch = (texts.ids[rows], texts.mask[rows], text_lengths)
+            case_targets = (texts.teacher[rows], texts.location[rows])
         step_now = step % cfg.GRAD_ACCUM_STEPS == 0 or step == len(starts)
         with model.no_sync() if distributed and not step_now else nullcontext():  # gradients meet at the step only
             with autocast(device, amp):
@@ -1058,8 +1063,8 @@ def train_epoch(model: nn.Module, data: Split, optimizer, scheduler, scaler, cfg
                     loss = loss + cfg.IMAGE_ONLY_LOSS * task_loss(logits[1])
                 if case_logits is not None:
                     loss = loss + cfg.CASE_TEXT_LOSS * distillation_loss(
-                        case_logits, texts.teacher[rows], texts.location[rows], cfg.KD_ALPHA[TASKS.index("location")],
-                        cfg.KD_TEMPERATURE, cfg.LABEL_SMOOTHING)
+                        case_logits, *case_targets, cfg.KD_ALPHA[TASKS.index("location")], cfg.KD_TEMPERATURE,
+                        cfg.LABEL_SMOOTHING)
             if adapted:
                 teacher_vectors = {tower: f[idx] for tower, f in data.features.items()}
                 loss = loss + cfg.FEATURE_KD * feature_loss(adapted, teacher_vectors, mask.sum(1) > 0)
@@ -1302,7 +1307,7 @@ def parallel(distiller: Distiller, device: torch.device) -> nn.Module:
     at every optimizer step; the distiller itself otherwise."""
     if rank_and_world()[1] == 1:
         return distiller
-    return DistributedDataParallel(distiller, device_ids=[device.index] if device.type == "cuda" else None)
+    return DistributedDataParallel(distiller)  # no device_ids, which would move the CPU lengths packing needs to the GPU
 
 
 def adamw(parameters: list, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
@@ -1583,21 +1588,17 @@ def compress(student: nn.Module, data: dict[str, Split], cfg, meta: dict, device
 
 
 ECE_BINS = 15  # equal-width confidence bins of the expected calibration error and the reliability diagram
+TEMPERATURE_RANGE = (0.05, 20.0)  # a fitted temperature stays inside: dev all right sends it towards 0, all wrong to oo
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """The temperature T that minimises the negative log-likelihood of softmax(logits / T) (Guo et al., 2017):
-    one scalar, so the predicted classes stay what they were. L-BFGS over log T keeps T positive."""
-    log_t = torch.zeros((), requires_grad=True)
-    optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
-
-    def nll():
-        optimizer.zero_grad()
-        loss = F.cross_entropy(logits.float() / log_t.exp(), labels)
-        loss.backward()
-        return loss
-    optimizer.step(nll)
-    return round(float(log_t.detach().exp()), 4)
+    """The temperature T within TEMPERATURE_RANGE that minimises the negative log-likelihood of softmax(logits / T)
+    (Guo et al., 2017): one scalar, so the predicted classes stay what they were. Brent's bounded search over log T."""
+    from scipy.optimize import minimize_scalar
+    nll = lambda log_t: float(F.cross_entropy(logits.double() / math.exp(log_t), labels))
+    best = minimize_scalar(nll, bounds=[math.log(t) for t in TEMPERATURE_RANGE], method="bounded",
+                           options=dict(xatol=1e-5))
+    return round(math.exp(best.x), 4)
 
 
 def reliability(probabilities: torch.Tensor, labels: torch.Tensor) -> list[tuple[int, float, float]]:
@@ -1633,6 +1634,7 @@ def calibrate(model: nn.Module, data: dict[str, Split], path: Path) -> dict:
 
 
 def save_temperature(path: Path, temperature: dict[str, float]) -> None:
+    """Add the temperatures to a student file: the .pth and .pt saved again, the .onnx's metadata rewritten."""
     if path.suffix == ".onnx":
         import onnx
         proto = onnx.load(str(path))
@@ -1689,11 +1691,13 @@ def compression_lines(metrics: dict) -> list[str]:
 
 def calibration_lines(metrics: dict) -> list[str]:
     """Per student file and task: the temperature fitted on dev, and the ECE before -> after it on each split."""
-    splits = lambda values: [k.removesuffix("_ece_before") for k in values if k.endswith("_ece_before")]
-    return [f"{name.replace('_', ' ')}, ECE before -> after the temperature T fitted on dev: " + "; ".join(
-        f"{task} T {values['temperature']:g}, " + ", ".join(
-            f"{split} {values[f'{split}_ece_before']:.3f} -> {values[f'{split}_ece_after']:.3f}" for split in splits(values))
-        for task, values in report.items()) for name, report in metrics["calibration"].items()]
+    def task_part(task: str, values: dict) -> str:
+        splits = [k.removesuffix("_ece_before") for k in values if k.endswith("_ece_before")]
+        return f"{task} T {values['temperature']:g}, " + ", ".join(
+            f"{split} {values[f'{split}_ece_before']:.3f} -> {values[f'{split}_ece_after']:.3f}" for split in splits)
+    return [f"{name.replace('_', ' ')}, ECE before -> after the temperature T fitted on dev: " +
+            "; ".join(task_part(task, values) for task, values in report.items())
+            for name, report in metrics["calibration"].items()]
 
 
 def print_table(metrics: dict) -> None:
@@ -2082,6 +2086,9 @@ def run(cfg, argv: list[str], device: torch.device) -> dict:
     teacher_params = sum(count_parameters(teacher[k]) for k in ("clip", "text") if k in teacher)
     features = {split: teacher_features(samples, teacher, cfg, device, amp) for split, samples in splits.items()}
     case_texts = load_case_texts(root, cfg.CASE_TEXTS, splits["train"]) if cfg.CASE_TEXT_LOSS > 0 else []
+    if case_texts and "text" not in teacher:
+        print("case texts: none, since the teacher has no text tower to read them")
+        case_texts = []
     if case_texts:
         features["case_texts"] = case_text_features(case_texts, splits["train"], features["train"], teacher, cfg,
                                                     device, amp)
@@ -2109,7 +2116,7 @@ def run(cfg, argv: list[str], device: torch.device) -> dict:
 
     # student
     kwargs = student_kwargs(cfg, tokenizer, vocab, n_classes)
-    print(f"student vocabulary: the {len(vocab):,} token ids of the train texts (of {len(tokenizer):,}); "
+    print(f"student vocabulary: the {len(vocab):,} token ids of the train (and case) texts (of {len(tokenizer):,}); "
           f"any other reads as {tokenizer.unk_token!r}")
     student = Student(**kwargs)
     tokenizer_name = cfg.TOKENIZER or cfg.TEXT_TEACHER
