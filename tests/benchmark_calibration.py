@@ -1,0 +1,64 @@
+"""Calibration of finished runs (not part of the pytest run): for each run folder (one that benchmark_accuracy.py or a
+plain run wrote, with results/*.onnx), the dev ECE of its ONNX int8 student, before and after a temperature fitted
+on all of dev (in-sample, as the run itself reports it) and fitted on one half of the dev cases and scored on the
+other (cross-fitted: sklearn's GroupKFold(2) on the case), per task; mean ± sd over the runs.
+
+    python tests/benchmark_calibration.py results/ablation/default/fold{1,2,3,4,5}of5-seed1 \
+        --DATA_ROOT results/ablation/folds/fold{1,2,3,4,5}of5
+"""
+
+import argparse
+import importlib.util
+import shutil
+import statistics
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import torch
+from sklearn.model_selection import GroupKFold
+
+spec = importlib.util.spec_from_file_location("lvm", Path(__file__).resolve().parents[1] / "light-weight-vlm.py")
+lvm = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(lvm)
+
+
+def run_errors(run: Path, root: Path, cache: Path) -> dict:
+    with tempfile.TemporaryDirectory() as folder:  # calibrate writes the temperature into the file: into a copy
+        path = Path(shutil.copy(run / "results" / "lightweight_vlm_int8.onnx", folder))
+        model, meta = lvm.open_student(path)
+        samples = lvm.load_split(root, "dev", Counter())
+        images = lvm.load_images(samples, meta["image_size"], cache, Counter())
+        dev = lvm.prepare_split(samples, images, lvm.unpack_tokenizer(meta["tokenizer_files"]), meta["vocab"],
+                                meta["labels"], "dev", argparse.Namespace(MAX_TOKENS=meta["max_tokens"]))
+        report = lvm.calibrate(model, {"dev": dev}, path)["report"]
+    logits, cases = lvm.predict(model, dev, torch.device("cpu")), [s["case"] for s in samples]
+    errors = {}
+    for i, task in enumerate(lvm.TASKS):
+        labels, crossed = dev.labels[i], []
+        for fit, held in GroupKFold(2).split(cases, groups=cases):
+            temperature = lvm.fit_temperature(logits[i][fit], labels[fit])
+            crossed.append(lvm.calibration_error((logits[i][held] / temperature).softmax(1), labels[held]))
+        errors[task] = dict(before=report[task]["dev_ece_before"], in_sample=report[task]["dev_ece_after"],
+                            cross_fitted=statistics.mean(crossed), temperature=report[task]["temperature"])
+    return errors
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--DATA_ROOT", type=Path, nargs="+", required=True, help="one for all runs, or one per run")
+    parser.add_argument("--CACHE_DIR", type=Path, default=Path("cache"))
+    args = parser.parse_args()
+    roots = args.DATA_ROOT * len(args.runs) if len(args.DATA_ROOT) == 1 else args.DATA_ROOT
+    results = [run_errors(run, root, args.CACHE_DIR) for run, root in zip(args.runs, roots, strict=True)]
+    mean_sd = lambda v: f"{statistics.mean(v):.3f} ± {statistics.stdev(v) if len(v) > 1 else 0:.3f}"
+    print(f"ONNX int8 student, dev ECE ({lvm.ECE_BINS} bins), mean ± sd over {len(results)} run(s)")
+    for task in lvm.TASKS:
+        column = lambda key: mean_sd([r[task][key] for r in results])
+        print(f"{task}: before {column('before')}, after T fitted on all of dev {column('in_sample')}, after T fitted "
+              f"on the other half of the dev cases {column('cross_fitted')}; T {[r[task]['temperature'] for r in results]}")
+
+
+if __name__ == "__main__":
+    main()
