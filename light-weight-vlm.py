@@ -38,8 +38,10 @@ import os
 import random
 import secrets
 import shlex
+import signal
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections import Counter
@@ -1242,6 +1244,8 @@ def train_student(student: nn.Module, data: dict[str, Split], cfg, names: dict, 
         epoch=0, rows=[header], best=dict(score=-1.0, epoch=0))
     rows, best, model = done["rows"], done["best"], None
     for epoch in range(done["epoch"] + 1, cfg.EPOCHS + 1):
+        if INTERRUPTED:
+            raise KeyboardInterrupt
         start = time.time()
         frozen = epoch <= cfg.FREEZE_EPOCHS
         if student.embedding.weight.requires_grad == frozen:
@@ -2023,6 +2027,16 @@ def prepare_split(samples: list[dict], images: dict, tokenizer, vocab: list[int]
                  tuple(encode_labels(samples, task, names[task], split) for task in TASKS))
 
 
+INTERRUPTED = []  # set by the Ctrl-C handler, so that an interrupt Python had to drop still stops the run
+
+
+def on_ctrl_c(signum, frame) -> None:
+    """Python drops a KeyboardInterrupt raised while a finalizer runs ("Exception ignored"); the flag it leaves is
+    read again at every epoch's end and when the run ends."""
+    INTERRUPTED.append(signum)
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> dict | list[dict]:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["predict"]:
@@ -2030,9 +2044,14 @@ def main(argv: list[str] | None = None) -> dict | list[dict]:
     cfg = parse_config(argv)
     require("onnx", "onnxruntime")  # the ONNX students are written after training
     device, rank = start_processes(cfg)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, on_ctrl_c)
     try:
         with open(os.devnull, "w") if rank > 0 else nullcontext(sys.stdout) as out, redirect_stdout(out):
-            return run(cfg, argv, device)  # under torchrun, process 0 alone prints
+            metrics = run(cfg, argv, device)  # under torchrun, process 0 alone prints
+        if INTERRUPTED:
+            raise KeyboardInterrupt
+        return metrics
     except KeyboardInterrupt:
         checkpoint = Path(cfg.RESULTS_DIR) / "checkpoint.pt"
         launcher = ["torchrun", "--nproc_per_node", os.environ["LOCAL_WORLD_SIZE"]] if dist.is_initialized() else ["python"]
