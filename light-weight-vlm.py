@@ -105,6 +105,8 @@ FEATURE_KD = 3.0  # weight of the feature term: cosine distance of the student's
 # is read for this. (): none
 CASE_TEXTS = (("Title", "Findings"), ("Discussion",), ("Case Diagnosis", "Differential Diagnosis"))
 CASE_TEXT_LOSS = 1.0  # weight of their location loss (0: off)
+CASE_TEXT_MIN_COUNT = 2  # a token id that only the case texts hold gets its own embedding row when they hold it this
+# often, rarer ones read as the unknown token: the rows are most of the int8 file's bytes (1: every id)
 # training
 EPOCHS = 20
 BATCH_SIZE = 32  # per process: under torchrun the global batch is BATCH_SIZE x processes
@@ -194,8 +196,8 @@ def parse_config(argv: list[str]) -> argparse.Namespace:
 
 def config_ranges(cfg: dict) -> list[tuple[str, bool, str]]:
     positive = ("IMAGE_SIZE", "MAX_TOKENS", "TEACHER_BATCH_SIZE", "HEAD_HIDDEN", "HEAD_EPOCHS", "HEAD_PATIENCE",
-                "HEAD_LR", "EMBED_DIM", "LSTM_HIDDEN", "FUSION_DIM", "KD_TEMPERATURE", "EPOCHS", "BATCH_SIZE",
-                "GRAD_ACCUM_STEPS", "LR", "GRAD_CLIP", "PRUNE_LR", "CALIBRATION_IMAGES", "SPEED_REPEATS")
+                "HEAD_LR", "EMBED_DIM", "CASE_TEXT_MIN_COUNT", "LSTM_HIDDEN", "FUSION_DIM", "KD_TEMPERATURE", "EPOCHS",
+                "BATCH_SIZE", "GRAD_ACCUM_STEPS", "LR", "GRAD_CLIP", "PRUNE_LR", "CALIBRATION_IMAGES", "SPEED_REPEATS")
     fractions = ("DROPOUT", "TEXT_DROPOUT", "LABEL_SMOOTHING")
     counts = ("WARMUP_EPOCHS", "FREEZE_EPOCHS", "PRUNE_FINETUNE_EPOCHS", "WEIGHT_DECAY", "FEATURE_KD", "IMAGE_ONLY_LOSS",
               "CASE_TEXT_LOSS")
@@ -836,14 +838,19 @@ def tokenizer_ids(tokenizer, texts: list[str], max_tokens: int) -> tuple[torch.T
     return batch["input_ids"], batch["attention_mask"]
 
 
-def student_vocabulary(tokenizer, train_texts: list[str], max_tokens: int) -> list[int]:
-    """The tokenizer ids that occur in the train texts, plus padding and the unknown token. The student
-    embeds only these (a row no train text uses is never trained, yet would be most of the model's
-    bytes); every other id is read as the unknown token."""
+def student_vocabulary(tokenizer, train_texts: list[str], max_tokens: int, case_texts: list[str] = (),
+                       min_count: int = 1) -> list[int]:
+    """The tokenizer ids that occur in the train texts, those that occur at least min_count times in the case
+    texts, plus padding and the unknown token. The student embeds only these (a row no train text uses is never
+    trained, yet would be most of the model's bytes); every other id is read as the unknown token."""
     if tokenizer.unk_token_id is None:
         fail(f"the tokenizer {tokenizer.name_or_path!r} has no unknown token to stand for words the train split lacks")
     ids, mask = tokenizer_ids(tokenizer, train_texts, max_tokens)
-    return sorted(set(ids[mask.bool()].tolist()) | {pad_token_id(tokenizer), tokenizer.unk_token_id})
+    vocab = set(ids[mask.bool()].tolist()) | {pad_token_id(tokenizer), tokenizer.unk_token_id}
+    if case_texts:
+        ids, mask = tokenizer_ids(tokenizer, case_texts, max_tokens)
+        vocab |= {i for i, n in Counter(ids[mask.bool()].tolist()).items() if n >= min_count}
+    return sorted(vocab)
 
 
 def tokenize(tokenizer, texts: list[str], max_tokens: int, vocab: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -2114,7 +2121,8 @@ def run(cfg, argv: list[str], device: torch.device) -> dict:
                                                     device, amp)
         print(f"case texts: {len(case_texts)} from {len({t['case'] for t in case_texts})} train cases, for location")
     tokenizer = student_tokenizer(cfg, teacher)
-    vocab = student_vocabulary(tokenizer, [s["text"] for s in splits["train"] + case_texts], cfg.MAX_TOKENS)
+    vocab = student_vocabulary(tokenizer, [s["text"] for s in splits["train"]], cfg.MAX_TOKENS,
+                               [t["text"] for t in case_texts], cfg.CASE_TEXT_MIN_COUNT)
     data = {split: prepare_split(samples, images, tokenizer, vocab, names, split, cfg)
             for split, samples in splits.items()}
     heads, teacher_logits = train_teacher_heads({s: torch.cat(list(f.values()), dim=1) for s, f in features.items()},
@@ -2136,7 +2144,8 @@ def run(cfg, argv: list[str], device: torch.device) -> dict:
 
     # student
     kwargs = student_kwargs(cfg, tokenizer, vocab, n_classes)
-    print(f"student vocabulary: the {len(vocab):,} token ids of the train (and case) texts (of {len(tokenizer):,}); "
+    print(f"student vocabulary: the {len(vocab):,} token ids of the train texts (and those the case texts hold "
+          f"{cfg.CASE_TEXT_MIN_COUNT}+ times) (of {len(tokenizer):,}); "
           f"any other reads as {tokenizer.unk_token!r}")
     student = Student(**kwargs)
     tokenizer_name = cfg.TOKENIZER or cfg.TEXT_TEACHER
