@@ -838,11 +838,12 @@ def tokenizer_ids(tokenizer, texts: list[str], max_tokens: int) -> tuple[torch.T
     return batch["input_ids"], batch["attention_mask"]
 
 
-def student_vocabulary(tokenizer, train_texts: list[str], max_tokens: int, case_texts: list[str] = (),
+def student_vocabulary(tokenizer, train_texts: list[str], max_tokens: int, case_texts: list[str] | None = None,
                        min_count: int = 1) -> list[int]:
-    """The tokenizer ids that occur in the train texts, those that occur at least min_count times in the case
-    texts, plus padding and the unknown token. The student embeds only these (a row no train text uses is never
-    trained, yet would be most of the model's bytes); every other id is read as the unknown token."""
+    """The tokenizer ids that occur in the train inputs (Caption + History), those that occur at least min_count
+    times in the case texts, plus padding and the unknown token. The student embeds only these (a row no training
+    text uses is never trained, yet would be most of the model's bytes); every other id is read as the unknown
+    token."""
     if tokenizer.unk_token_id is None:
         fail(f"the tokenizer {tokenizer.name_or_path!r} has no unknown token to stand for words the train split lacks")
     ids, mask = tokenizer_ids(tokenizer, train_texts, max_tokens)
@@ -2144,8 +2145,8 @@ def run(cfg, argv: list[str], device: torch.device) -> dict:
 
     # student
     kwargs = student_kwargs(cfg, tokenizer, vocab, n_classes)
-    print(f"student vocabulary: the {len(vocab):,} token ids of the train texts (and those the case texts hold "
-          f"{cfg.CASE_TEXT_MIN_COUNT}+ times) (of {len(tokenizer):,}); "
+    rare = f", and those the case texts hold {cfg.CASE_TEXT_MIN_COUNT}+ times" if case_texts else ""
+    print(f"student vocabulary: the {len(vocab):,} token ids of the train inputs{rare} (of {len(tokenizer):,}); "
           f"any other reads as {tokenizer.unk_token!r}")
     student = Student(**kwargs)
     tokenizer_name = cfg.TOKENIZER or cfg.TEXT_TEACHER
