@@ -27,7 +27,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "light-weight-vlm.py"
 ROWS = {  # the default, and the default without one of its parts
     "default": [],
     "no-case-texts": ["--CASE_TEXT_LOSS", "0"],
-    "20-epochs": ["--EPOCHS", "20"],  # the default before the second round of issue 11
+    "20-epochs": ["--EPOCHS", "20"],  # the default until the third round of issue 11 (commit 35be324)
     "every-case-word": ["--CASE_TEXT_MIN_COUNT", "1"],  # 1.25 MB int8 ONNX, over issue 12's 1.2 MB
     "distil-modality-too": ["--KD_ALPHA", "(0.5, 0.5)"],
     "previous-default": ["--KD_ALPHA", "(0.5, 0.5)", "--CASE_TEXT_LOSS", "0"],  # before issue 11

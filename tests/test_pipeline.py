@@ -469,8 +469,8 @@ def test_config_overrides_by_name(lvm, capsys):
     demo = lvm.parse_config(["--demo", "--EPOCHS", "2"])
     assert demo.EPOCHS == 2 and demo.DATA_ROOT == lvm.DEMO["DATA_ROOT"]
     assert lvm.parse_config(["--TEXT_TEACHER", "123", "--TOKENIZER", "tok"]).TEXT_TEACHER == "123"  # a folder name
-    for bad, message in ((["--EPOCHS", "three"], "--EPOCHS: expected a value like 20, got 'three'"),
-                         (["--EPOCHS", "2.5"], "--EPOCHS: expected a value like 20"),
+    for bad, message in ((["--EPOCHS", "three"], f"--EPOCHS: expected a value like {lvm.EPOCHS}, got 'three'"),
+                         (["--EPOCHS", "2.5"], f"--EPOCHS: expected a value like {lvm.EPOCHS}"),
                          (["--NOT_A_SETTING", "1"], "unrecognized arguments: --NOT_A_SETTING")):
         with pytest.raises(SystemExit):
             lvm.parse_config(bad)
@@ -762,7 +762,7 @@ def test_demo_run_draws_pictures_and_a_report_with_the_runs_numbers(lvm, demo_ru
                     assert f"| {name} | {split} | " + " | ".join(f"{row[c]:.4f}" for c in columns) + " |" in report
     assert f"student {saved['student_params']:,}" in report and f"int8 {saved['student_int8_file_bytes']:,} B" in report
     assert "```\npython light-weight-vlm.py --demo --DEVICE cpu\n```" in report
-    assert "| `EPOCHS` | `8` | `20` |" in report  # a constant --demo changes
+    assert f"| `EPOCHS` | `8` | `{lvm.EPOCHS}` |" in report  # a constant --demo changes
     n_train = len((workdir / lvm.DEMO["DATA_ROOT"] / "splitted_dataset" / "descriptions_train.jsonl").read_text().splitlines())
     assert f"| {n_train} |" in report.split("## Data: modality")[1].split("\n| dev")[0]
     for stage in ("data", "teacher", "distillation", "pruning and quantization", "evaluation", "pictures"):
