@@ -202,11 +202,13 @@ def config_ranges(cfg: dict) -> list[tuple[str, bool, str]]:
     counts = ("WARMUP_EPOCHS", "FREEZE_EPOCHS", "PRUNE_FINETUNE_EPOCHS", "WEIGHT_DECAY", "FEATURE_KD", "IMAGE_ONLY_LOSS",
               "CASE_TEXT_LOSS")
     channels, alpha, groups = cfg["CNN_CHANNELS"], cfg["KD_ALPHA"], cfg["CASE_TEXTS"]
+    smallest = 2 ** len(channels)  # each CNN block halves the side, and the last must keep a pixel
     return ([(k, cfg[k] > 0, "> 0") for k in positive] + [(k, 0 <= cfg[k] <= 1, "in [0, 1]") for k in fractions] +
             [(k, cfg[k] >= 0, ">= 0") for k in counts] + [(k, 0 <= cfg[k] < 1, "in [0, 1)") for k in
                                                            ("PRUNE_AMOUNT", "EMA_DECAY")] + [
              ("CNN_CHANNELS", len(channels) > 0 and all(isinstance(c, int) and c > 0 for c in channels),
               "a tuple of positive widths"),
+             ("IMAGE_SIZE", cfg["IMAGE_SIZE"] >= smallest, f"at least 2 ** len(CNN_CHANNELS) = {smallest}"),
              ("KD_ALPHA", len(alpha) == len(TASKS) and all(isinstance(a, (int, float)) and 0 <= a <= 1 for a in alpha),
               "a (modality, location) pair of weights in [0, 1]"),
              ("CASE_TEXTS", all(isinstance(g, tuple) and g and all(isinstance(f, str) for f in g) for g in groups),

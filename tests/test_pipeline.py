@@ -381,7 +381,7 @@ def tiny_teacher(lvm, tmp_path_factory):
     folder = tmp_path_factory.mktemp("teachers")
     lvm.make_demo_teachers(folder / "clip", folder / "distilbert", seed=0)
     cfg = lvm.parse_config(["--VISION_TEACHER", str(folder / "clip"), "--TEXT_TEACHER", str(folder / "distilbert"),
-                            "--CACHE_DIR", str(folder / "cache"), "--IMAGE_SIZE", "24"])
+                            "--CACHE_DIR", str(folder / "cache"), "--IMAGE_SIZE", "48"])
     return cfg, lvm.load_teacher(cfg)
 
 
@@ -481,7 +481,8 @@ def test_config_overrides_by_name(lvm, capsys):
                                                 ("PRUNE_AMOUNT", "1.0", "in [0, 1)"), ("KD_ALPHA", "(0.5, 1.5)", "a (modality, location) pair of weights in [0, 1]"),
                                                 ("KD_ALPHA", "(0.5,)", "a (modality, location) pair of weights in [0, 1]"),
                                                 ("CASE_TEXTS", "(('Title', 3),)", "a tuple of groups of Case field names, like (('Title', 'Findings'),)"),
-                                                ("CNN_CHANNELS", "()", "a tuple of positive widths")])
+                                                ("CNN_CHANNELS", "()", "a tuple of positive widths"),
+                                                ("IMAGE_SIZE", "24", "at least 2 ** len(CNN_CHANNELS) = 32")])
 def test_out_of_range_values_stop_with_one_line(lvm, key, value, expected, capsys):
     with pytest.raises(SystemExit) as e:
         lvm.parse_config([f"--{key}", value])
