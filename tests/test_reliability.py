@@ -440,6 +440,20 @@ def test_a_checkpoint_or_cache_that_holds_code_is_refused_and_runs_nothing(lvm, 
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("setting", ["--BACKBONE_WEIGHTS", "--VISION_TEACHER"])
+def test_a_weights_file_that_holds_code_is_refused_and_runs_nothing(lvm, tmp_path, setting):
+    marker = tmp_path / "ran"
+    weights = crafted(tmp_path / "evil.pth", marker, "_conv_stem.weight")
+    previous = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        message = stop_message(lambda: lvm.main(["--demo", "--DEVICE", "cpu", "--EPOCHS", "1", setting, str(weights)]))
+    finally:
+        os.chdir(previous)
+    assert "evil.pth: not a readable EfficientNet-Lite0 weights file (UnpicklingError)" in message
+    assert not marker.exists()
+
+
 def test_an_onnx_file_that_refers_to_data_elsewhere_is_refused(lvm, demo_run, tmp_path):
     import onnx
     workdir, _ = demo_run
