@@ -123,6 +123,8 @@ GRAD_CLIP = 1.0  # max global gradient norm
 FREEZE_EPOCHS = 5  # the student's pretrained parts (token embedding; image encoder with BACKBONE_WEIGHTS) are frozen,
 # BatchNorm statistics included, for this many epochs
 BACKBONE_LR = 0.1  # learning rate of a pretrained image encoder, as a fraction of LR
+BACKBONE_FROZEN_STAGES = 2  # a pretrained image encoder's stem and this many first stages stay frozen throughout, in
+# training and pruning's recovery: they hold most of its compute, at the highest resolutions (0: all unfrozen)
 EMA_DECAY = 0.99  # dev evaluation and the saved model use this moving average of the weights (0: off)
 # compression
 PRUNE_AMOUNT = 0.3  # fraction of conv and linear weights zeroed by global L1 magnitude
@@ -217,6 +219,8 @@ def config_ranges(cfg: dict) -> list[tuple[str, bool, str]]:
              ("CNN_CHANNELS", len(channels) > 0 and all(isinstance(c, int) and c > 0 for c in channels),
               "a tuple of positive widths"),
              ("BACKBONE_STAGES", cfg["BACKBONE_STAGES"] in range(8), "one of 0 (no backbone) to 7 (all stages)"),
+             ("BACKBONE_FROZEN_STAGES", cfg["BACKBONE_FROZEN_STAGES"] in range((cfg["BACKBONE_STAGES"] or 7) + 1),
+              "one of 0 to BACKBONE_STAGES"),
              ("IMAGE_SIZE", cfg["BACKBONE_STAGES"] or cfg["IMAGE_SIZE"] >= smallest,
               f"at least 2 ** len(CNN_CHANNELS) = {smallest} for the from-scratch CNN"),
              ("KD_ALPHA", len(alpha) == len(TASKS) and all(isinstance(a, (int, float)) and 0 <= a <= 1 for a in alpha),
@@ -894,10 +898,11 @@ class Student(nn.Module):
         self.location_head = nn.Linear(fusion_dim, n_location)
 
     def train(self, mode: bool = True) -> "Student":
-        """A frozen image encoder keeps its BatchNorm statistics too."""
+        """A frozen part of the image encoder keeps its BatchNorm statistics too."""
         super().train(mode)
-        if mode and not any(p.requires_grad for p in self.cnn.parameters()):
-            self.cnn.eval()
+        for part in self.cnn[0] if mode else ():
+            if not any(p.requires_grad for p in part.parameters()):
+                part.eval()
         return self
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -949,10 +954,21 @@ def pca_embedding(teacher_embedding: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.from_numpy(reduced / reduced.std()).float()
 
 
-def pretrained_parameters(student: Student, backbone: bool) -> list[nn.Parameter]:
+def pretrained_parameters(student: Student, backbone: bool, fixed_stages: int = 0) -> list[nn.Parameter]:
     """What starts from pretrained values, and is frozen for the first FREEZE_EPOCHS: the token embedding, and the
-    image encoder when it starts from weights (backbone)."""
-    return [student.embedding.weight, *(student.cnn.parameters() if backbone else ())]
+    image encoder when it starts from weights (backbone), less its stem and first fixed_stages stages."""
+    return [student.embedding.weight, *(student.cnn[0][fixed_parts(fixed_stages):].parameters() if backbone else ())]
+
+
+def fixed_parts(stages: int) -> int:
+    """How many modules of the image encoder's body are the stem (a convolution and its BatchNorm) and first stages."""
+    return 2 + stages if stages else 0
+
+
+def fix_early_stages(student: Student, cfg) -> None:
+    """Freeze a pretrained image encoder's stem and first BACKBONE_FROZEN_STAGES stages for good."""
+    if backbone_weights(cfg):
+        set_frozen(list(student.cnn[0][:fixed_parts(cfg.BACKBONE_FROZEN_STAGES)].parameters()), True)
 
 
 def set_frozen(parameters: list[nn.Parameter], frozen: bool) -> None:
@@ -1365,9 +1381,11 @@ def train_student(student: nn.Module, data: dict[str, Split], cfg, names: dict, 
     rank, world = rank_and_world()
     adapters = feature_adapters(student, data["train"].features).to(device)
     distiller = Distiller(student, adapters if cfg.FEATURE_KD > 0 else nn.ModuleDict(), cfg.IMAGE_ONLY_LOSS > 0)
-    pretrained = pretrained_parameters(student, backbone=backbone_weights(cfg) is not None)
+    fix_early_stages(student, cfg)
+    pretrained = pretrained_parameters(student, backbone_weights(cfg) is not None, cfg.BACKBONE_FROZEN_STAGES)
     slow = set(pretrained[1:])  # a pretrained image encoder learns at BACKBONE_LR x LR
-    groups = [dict(params=[p for p in [*student.parameters(), *adapters.parameters()] if p not in slow])]
+    groups = [dict(params=[p for p in [*student.parameters(), *adapters.parameters()]
+                           if p.requires_grad and p not in slow])]
     groups += [dict(params=pretrained[1:], lr=cfg.LR * cfg.BACKBONE_LR)] if slow else []
     optimizer = adamw(groups, cfg.LR, cfg.WEIGHT_DECAY, device)
     ema = MovingAverage(student, cfg.EMA_DECAY) if cfg.EMA_DECAY > 0 else None
@@ -1736,7 +1754,8 @@ def compress(student: nn.Module, data: dict[str, Split], cfg, meta: dict, device
 
     before = check("float", 0)
     prune_global_l1(student, cfg.PRUNE_AMOUNT)
-    optimizer = adamw(list(student.parameters()), cfg.PRUNE_LR, cfg.WEIGHT_DECAY, device)
+    fix_early_stages(student, cfg)
+    optimizer = adamw([p for p in student.parameters() if p.requires_grad], cfg.PRUNE_LR, cfg.WEIGHT_DECAY, device)
     scaler, generator = grad_scaler(device, amp), torch.Generator().manual_seed(cfg.SEED + 1)
     pruned = best = check("pruned", 0) | dict(epoch=0, state=copy.deepcopy(student.state_dict()))
     distiller = Distiller(student, nn.ModuleDict(), cfg.IMAGE_ONLY_LOSS > 0)  # no feature term in the recovery

