@@ -9,6 +9,8 @@ Run on MedPix 2.0 (layout: DATA_ROOT/images/*.png, DATA_ROOT/splitted_dataset/*.
     python light-weight-vlm.py --DATA_ROOT ../shared/medpix/MedPix-2-0
 Classify images with a saved student (.onnx in ONNX Runtime, .pt or .pth in PyTorch), one JSON line each:
     python light-weight-vlm.py predict --model results/lightweight_vlm_int8.onnx --image a.png b.png --text "..."
+  images, DICOM files, folders or globs; a table instead; occlusion heat maps of what decided:
+    python light-weight-vlm.py predict --image export/ "more/**/*.dcm" --output rows.csv --explain maps/
 On several GPUs (or CPU processes), one process each, with torchrun; --nnodes for several machines:
     torchrun --standalone --nproc_per_node 8 light-weight-vlm.py --DATA_ROOT ...
 Any constant in the CONFIG block can be overridden on the command line by its own name:
@@ -30,8 +32,10 @@ import copy
 import csv
 import dataclasses
 import datetime
+import glob
 import gzip
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -54,7 +58,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter, UnidentifiedImageError
 from sklearn.decomposition import PCA
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 from torch import nn
@@ -563,7 +567,11 @@ def decode_image(path: str, size: int) -> torch.Tensor:
         warnings.simplefilter("error", Image.DecompressionBombWarning)  # a huge image is refused, not decoded
         with Image.open(path) as image:
             rgb = to_rgb(image)
-    return v2.Compose([v2.PILToTensor(), v2.Resize((size, size), antialias=True)])(rgb)
+    return resize_square(v2.functional.pil_to_tensor(rgb), size)
+
+
+def resize_square(image: torch.Tensor, size: int) -> torch.Tensor:
+    return v2.functional.resize(image, [size, size], antialias=True)
 
 
 def load_images(samples: list[dict], size: int, cache_dir: Path, skipped: Counter) -> dict[str, torch.Tensor]:
@@ -2018,36 +2026,244 @@ def write_report(path: Path, argv: list[str], cfg, data: dict, names: dict, metr
 
 
 # -----------------------------------------------------------------------------
-# predict: python light-weight-vlm.py predict --model FILE --image PATH [PATH ...] [--text TEXT]
+# predict: python light-weight-vlm.py predict --model FILE --image PATH [PATH ...] [--text TEXT] [--output FILE]
+# PATH: an image or DICOM file (told apart by content, whatever its name), a folder (searched recursively) or a glob
+
+
+def parse_window(text: str) -> tuple[float, float]:
+    try:
+        center, width = (float(value) for value in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected CENTER,WIDTH such as 40,400, got {text!r}")
+    if width <= 0:
+        raise argparse.ArgumentTypeError(f"the window width must be > 0, got {text!r}")
+    return center, width
 
 
 def parse_predict(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="light-weight-vlm.py predict",
-                                     description="Modality and location of each image, one JSON object per line.")
+                                     description="Modality and location of each image or DICOM file, one JSON object "
+                                                 "per line (or one row each in --output).")
     parser.add_argument("--model", default=f"{RESULTS_DIR}/lightweight_vlm_int8.onnx",
                         help="a student file: the .onnx files run in ONNX Runtime, the int8 .pt and the float .pth in "
                              "PyTorch (default: %(default)s)")
-    parser.add_argument("--image", nargs="+", action="extend", required=True, metavar="PATH")
+    parser.add_argument("--image", nargs="+", action="extend", required=True, metavar="PATH",
+                        help="image (PNG, JPEG, ...) or DICOM files, folders (searched recursively for them; other "
+                             "files are counted and ignored) or glob patterns")
     parser.add_argument("--text", action="append", default=[],
-                        help="caption (and history); once for every image, or once per image in order; none: image only")
+                        help="caption (and history); once for every image, or once per --image PATH (a folder's "
+                             "images share its text); none: image only")
     parser.add_argument("--tokenizer", help="hub id or folder of a tokenizer to use instead of the one in the model file")
+    parser.add_argument("--window", type=parse_window, metavar="CENTER,WIDTH",
+                        help="DICOM: show the pixels through this window (e.g. 40,400 soft tissue, -600,1500 lung) "
+                             "instead of the file's own")
+    parser.add_argument("--frames", choices=("middle", "all"), default="middle",
+                        help="multi-frame DICOM: the middle frame, or one result per frame (default: %(default)s)")
+    parser.add_argument("--output", type=Path, metavar="FILE.csv|FILE.jsonl",
+                        help="write one row per image there instead of printing JSON lines")
+    parser.add_argument("--explain", type=Path, metavar="DIR",
+                        help="write per image a PNG there: what the model saw, and where greying a patch lowers the "
+                             "probability of the predicted modality and location")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per model call (default: %(default)s)")
     args = parser.parse_args(argv)
     if len(args.text) not in (0, 1, len(args.image)):
-        parser.error(f"give --text once, or once per --image ({len(args.image)} images, {len(args.text)} texts)")
+        parser.error(f"give --text once, or once per --image ({len(args.image)} paths, {len(args.text)} texts)")
+    if args.output and args.output.suffix not in (".csv", ".jsonl"):
+        parser.error(f"--output must end in .csv or .jsonl, got {args.output}")
+    if args.batch_size < 1:
+        parser.error("--batch-size must be >= 1")
     return args
 
 
-def read_image_or_fail(path: str, size: int) -> torch.Tensor:
-    try:
-        return decode_image(path, size)
-    except IMAGE_ERRORS as e:
-        fail(f"{path}: cannot read the image ({getattr(e, 'strerror', None) or e})")
+def find_inputs(patterns: list[str]) -> list[tuple[str, int, bool]]:
+    """(path, which --image PATH it came from, whether it was named itself) per file, folders and globs expanded in
+    sorted order. A file found in a folder or by a glob that is neither an image nor DICOM is ignored; a named one
+    is an error."""
+    def files(path: Path) -> list[Path]:
+        return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+
+    found = []
+    for i, pattern in enumerate(patterns):
+        if glob.has_magic(pattern) and not Path(pattern).exists():
+            found += [(str(p), i, False) for match in sorted(glob.glob(pattern, recursive=True)) for p in files(Path(match))]
+        else:
+            found += [(str(p), i, not Path(pattern).is_dir()) for p in files(Path(pattern))]
+    return found
 
 
-def predict_images(argv: list[str]) -> list[dict]:
-    """Print and return, per image: the predicted modality and location and each class's probability, from the
-    logits divided by the model file's temperature (fitted on dev, so that a probability of 0.9 is right about 90 %
-    of the time there)."""
+def is_dicom(path: str) -> bool:
+    """DICOM Part 10: 'DICM' after a 128-byte preamble."""
+    with open(path, "rb") as f:
+        return f.read(132)[128:] == b"DICM"
+
+
+def read_dicom(path: str, size: int, window: tuple[float, float] | None, frames: str) -> list[dict]:
+    """Each asked frame of a DICOM file as the student's uint8 input, shown as a viewer would: pixel values through
+    the modality LUT (rescale), then the window (--window, else the file's VOI LUT or first window, else the 0.5-99.5
+    percentiles) to 8 bits, MONOCHROME1 inverted, colour as RGB. The header's Modality and BodyPartExamined are
+    returned for the report only: they are never model input."""
+    import pydicom
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
+    ds = pydicom.dcmread(path)
+    if not any(key in ds for key in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        kind = ds.SOPClassUID.name if "SOPClassUID" in ds else "no image"
+        raise ValueError(f"no pixel data ({kind})")
+    if window:
+        ds.WindowCenter, ds.WindowWidth = window
+        ds.pop("VOILUTSequence", None)
+    count = int(ds.get("NumberOfFrames") or 1)
+    fields = dict(dicom_modality=ds.get("Modality") or None, dicom_body_part=ds.get("BodyPartExamined") or None)
+    out = []
+    for frame in range(count) if frames == "all" else [count // 2]:
+        pixels = pixel_array(ds, index=frame if count > 1 else None)  # colour comes as RGB, YBR converted
+        if ds.get("SamplesPerPixel", 1) > 1:
+            shown = pixels.astype(np.float64) / (2 ** ds.BitsStored - 1)
+        else:
+            values = apply_modality_lut(pixels, ds).astype(np.float64)
+            if "WindowCenter" in ds or "VOILUTSequence" in ds:  # the window's output range: its value at the ends
+                low, high = apply_voi_lut(np.array([-1e30, 1e30]), ds, index=0)
+                values = apply_voi_lut(values, ds, index=0)
+            else:
+                low, high = np.percentile(values, (0.5, 99.5))
+            shown = (values - low) / max(high - low, 1e-6)
+            shown = 1 - shown if ds.get("PhotometricInterpretation") == "MONOCHROME1" else shown
+        rgb = np.broadcast_to(shown[..., None], (*shown.shape[:2], 3)) if shown.ndim == 2 else shown
+        image = torch.from_numpy(np.ascontiguousarray((rgb.clip(0, 1) * 255).round().astype(np.uint8)))
+        out.append(dict(frame=frame, image=resize_square(image.permute(2, 0, 1), size), **fields))
+    return out
+
+
+def read_inputs(found: list[tuple[str, int, bool]], size: int, args: argparse.Namespace, counts: Counter):
+    """Yield dict(path, source, frame, image, DICOM fields) per image in input order. A file that cannot be read is
+    named on stderr with the reason and counted in counts['failed']; an unnamed non-image file counts as ignored."""
+    for path, source, named in found:
+        try:
+            if is_dicom(path):
+                try:
+                    images = read_dicom(path, size, args.window, args.frames)
+                except Exception as e:  # pydicom and its plugins raise many kinds; whatever it is, the file is skipped
+                    raise ValueError(" ".join(str(e).split())[:200] or type(e).__name__)
+            else:
+                images = [dict(frame=None, image=decode_image(path, size), dicom_modality=None, dicom_body_part=None)]
+        except UnidentifiedImageError:
+            if not named:
+                counts["ignored"] += 1
+                continue
+            counts["failed"] += 1
+            tqdm.write(f"light-weight-vlm: skipped {path}: neither an image nor a DICOM file", file=sys.stderr)
+            continue
+        except IMAGE_ERRORS as e:
+            counts["failed"] += 1
+            tqdm.write(f"light-weight-vlm: skipped {path}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
+            continue
+        for image in images:
+            yield dict(path=path, source=source, **image)
+
+
+def student_texts(args: argparse.Namespace, meta: dict) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+    """Token ids and mask of the text of each --image PATH, and whether it has one."""
+    texts = args.text * len(args.image) if len(args.text) == 1 else args.text or [""] * len(args.image)
+    if not any(text.strip() for text in texts):  # the image alone decides: no tokenizer needed
+        return torch.zeros(len(texts), 1, dtype=torch.long), torch.zeros(len(texts), 1, dtype=torch.long), \
+            [False] * len(texts)
+    from transformers import AutoTokenizer
+    if args.tokenizer:
+        tokenizer = load_pretrained(AutoTokenizer, args.tokenizer, "--tokenizer",
+                                    "Give a local tokenizer folder, or leave --tokenizer out to use the model's.")
+    else:
+        try:
+            tokenizer = unpack_tokenizer(meta["tokenizer_files"])
+        except Exception as e:  # a damaged or crafted tokenizer in the file: refused, not run
+            fail(f"{args.model}: its tokenizer does not load ({type(e).__name__}); nothing in it was run")
+    return *tokenize(tokenizer, texts, meta["max_tokens"], meta["vocab"]), [bool(t.strip()) for t in texts]
+
+
+OCCLUSION_PATCH = 8  # --explain greys patches of 1/8 of the image side, moved by half a patch
+
+
+@torch.no_grad()
+def occlusion_maps(model: nn.Module, image: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, classes: list[int],
+                   temperatures: list[float], batch_size: int) -> list[np.ndarray]:
+    """Per task, how much the probability of classes[task] drops when a patch of the (normalised) image is set to 0,
+    the mean grey, averaged per pixel over the patches that cover it. Only the model's outputs are read, so any
+    model file works; every occluded copy is one more sample of a batched call."""
+    side = image.shape[-1]
+    patch = max(side // OCCLUSION_PATCH, 2)
+    corners = [(y, x) for y in range(0, side - patch + 1, patch // 2) for x in range(0, side - patch + 1, patch // 2)]
+    copies = image.repeat(len(corners) + 1, 1, 1, 1)
+    for k, (y, x) in enumerate(corners, 1):
+        copies[k, :, y:y + patch, x:x + patch] = 0
+    logits = [torch.cat(parts) for parts in zip(*(
+        model(chunk, ids.repeat(len(chunk), 1), mask.repeat(len(chunk), 1)) for chunk in copies.split(batch_size)))]
+    maps = []
+    for task_logits, c, temperature in zip(logits, classes, temperatures):
+        probability = (task_logits.float() / temperature).softmax(1)[:, c]
+        drop, covered = torch.zeros(side, side), torch.zeros(side, side)
+        for (y, x), d in zip(corners, probability[0] - probability[1:]):
+            drop[y:y + patch, x:x + patch] += d
+            covered[y:y + patch, x:x + patch] += 1
+        maps.append((drop / covered.clamp(min=1)).numpy())
+    return maps
+
+
+def plot_explanation(image: torch.Tensor, maps: list[np.ndarray], titles: list[str], heading: str, path: Path) -> None:
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.6), layout="constrained")
+    shown = image.permute(1, 2, 0).numpy()
+    axes[0].imshow(shown)
+    axes[0].set_title("as the model saw it", fontsize=10)
+    limit = max(float(np.abs(np.stack(maps)).max()), 1e-3)
+    for ax, sensitivity, title in zip(axes[1:], maps, titles):
+        ax.imshow(shown.mean(2), cmap="gray")
+        drawn = ax.imshow(sensitivity, cmap="RdBu_r", vmin=-limit, vmax=limit, alpha=0.55)
+        ax.set_title(title, fontsize=10)
+    for ax in axes:
+        ax.set_axis_off()
+    fig.colorbar(drawn, ax=axes[1:], shrink=0.85, label="probability drop when greyed")
+    fig.suptitle(heading, fontsize=9)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def explain(model: nn.Module, item: dict, image: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, row: dict,
+            meta: dict, temperatures: list[float], args: argparse.Namespace, number: int) -> None:
+    classes = [meta["labels"][task].index(row[task]) for task in TASKS]
+    maps = occlusion_maps(model, image, ids, mask, classes, temperatures, args.batch_size)
+    titles = [f"{task}: {row[task]} ({row[f'{task}_probabilities'][row[task]]:.2f})" for task in TASKS]
+    frame = "" if item["frame"] is None else f"_frame{item['frame']}"
+    heading = item["path"] + ("" if item["frame"] is None else f", frame {item['frame']}") + (
+        "" if row["with_text"] else " (image only)")
+    name = f"{number:06d}_{Path(item['path']).stem}{frame}.png"
+    plot_explanation(item["image"], maps, titles, heading, args.explain / name)
+
+
+def write_rows(output: Path | None, meta: dict):
+    """A function that writes one result: a JSON line on stdout, or a row of --output (.jsonl, or .csv with a column
+    per class probability); and one that closes the file."""
+    if output is None:
+        return lambda row: print(json.dumps(row), flush=False), lambda: None
+    output.parent.mkdir(parents=True, exist_ok=True)
+    f = open(output, "w", newline="")
+    if output.suffix == ".jsonl":
+        writer = jsonlines.Writer(f)
+        return writer.write, lambda: (writer.close(), f.close())
+    probability_columns = [f"{task}_p_{name}" for task in TASKS for name in meta["labels"][task]]
+    columns = ["image", "frame", "with_text", *TASKS, *probability_columns, "dicom_modality", "dicom_body_part"]
+    table = csv.DictWriter(f, columns)
+    table.writeheader()
+
+    def write(row: dict) -> None:
+        flat = {k: v for k, v in row.items() if not k.endswith("_probabilities")}
+        table.writerow(flat | {f"{task}_p_{name}": p for task in TASKS
+                               for name, p in row[f"{task}_probabilities"].items()})
+    return write, f.close
+
+
+def predict_images(argv: list[str]) -> None:
+    """Print (or write to --output) per image or DICOM frame: the predicted modality and location and each class's
+    probability, from the logits divided by the model file's temperature (fitted on dev, so that a probability of
+    0.9 is right about 90 % of the time there). Files stream through in batches, so memory stays flat however many
+    there are. Unreadable files are named on stderr and skipped; the exit status is then 1."""
     args = parse_predict(argv)
     if not Path(args.model).is_file():
         fail(f"{args.model}: no such model file (train one with: python light-weight-vlm.py)")
@@ -2061,33 +2277,49 @@ def predict_images(argv: list[str]) -> list[dict]:
     if "tokenizer_files" not in meta:
         fail(f"{args.model}: written by an older light-weight-vlm, before model files carried their tokenizer; "
              f"train it again")
-    images = torch.stack([read_image_or_fail(path, meta["image_size"]) for path in args.image])
-    texts = args.text * len(args.image) if len(args.text) == 1 else args.text or [""] * len(args.image)
-    if any(text.strip() for text in texts):
-        from transformers import AutoTokenizer
-        if args.tokenizer:
-            tokenizer = load_pretrained(AutoTokenizer, args.tokenizer, "--tokenizer",
-                                        "Give a local tokenizer folder, or leave --tokenizer out to use the model's.")
-        else:
-            try:
-                tokenizer = unpack_tokenizer(meta["tokenizer_files"])
-            except Exception as e:  # a damaged or crafted tokenizer in the file: refused, not run
-                fail(f"{args.model}: its tokenizer does not load ({type(e).__name__}); nothing in it was run")
-        ids, mask = tokenize(tokenizer, texts, meta["max_tokens"], meta["vocab"])
-    else:  # the image alone decides: no tokenizer needed
-        ids = mask = torch.zeros(len(images), 1, dtype=torch.long)
-    logits = predict(model, Split(images, ids, mask), torch.device("cpu"))
-    rows = []
-    for i, path in enumerate(args.image):
-        row = dict(image=path, with_text=bool(texts[i].strip()))
-        for task, task_logits in zip(TASKS, logits):
-            names, temperature = meta["labels"][task], meta.get("temperature", {}).get(task, 1.0)  # 1: an older file
-            probabilities = (task_logits[i] / temperature).softmax(0)
-            row[task] = names[int(probabilities.argmax())]
-            row[f"{task}_probabilities"] = {name: round(float(p), 4) for name, p in zip(names, probabilities)}
-        print(json.dumps(row))
-        rows.append(row)
-    return rows
+    ids, mask, with_text = student_texts(args, meta)
+    temperatures = [meta.get("temperature", {}).get(task, 1.0) for task in TASKS]  # 1: a file from before calibration
+    found = find_inputs(args.image)
+    if args.explain:
+        import matplotlib
+        matplotlib.use("Agg")
+        args.explain.mkdir(parents=True, exist_ok=True)
+    write, close = write_rows(args.output, meta)
+    counts, done = Counter(), 0
+    inputs = read_inputs(found, meta["image_size"], args, counts)
+    progress = tqdm(total=len(found), unit="file", disable=not sys.stderr.isatty(), file=sys.stderr)
+    model.eval()
+    try:
+        while batch := list(itertools.islice(inputs, args.batch_size)):
+            images = normalize(torch.stack([item["image"] for item in batch]))
+            sources = torch.tensor([item["source"] for item in batch])
+            with torch.no_grad():
+                logits = model(images, ids[sources], mask[sources])
+            for i, item in enumerate(batch):
+                row = dict(image=item["path"], frame=item["frame"], with_text=with_text[item["source"]])
+                for task, task_logits, temperature in zip(TASKS, logits, temperatures):
+                    probabilities = (task_logits[i].float() / temperature).softmax(0)
+                    row[task] = meta["labels"][task][int(probabilities.argmax())]
+                    row[f"{task}_probabilities"] = {name: round(float(p), 4)
+                                                    for name, p in zip(meta["labels"][task], probabilities)}
+                row |= dict(dicom_modality=item["dicom_modality"], dicom_body_part=item["dicom_body_part"])
+                write(row)
+                done += 1
+                if args.explain:
+                    explain(model, item, images[i], ids[item["source"]:item["source"] + 1],
+                            mask[item["source"]:item["source"] + 1], row, meta, temperatures, args, done)
+            progress.update(len({item["path"] for item in batch}))
+    finally:
+        close()
+        progress.close()
+    if counts["ignored"]:
+        print(f"light-weight-vlm: ignored {counts['ignored']} file(s) that are neither images nor DICOM",
+              file=sys.stderr)
+    if counts["failed"]:
+        raise SystemExit(f"light-weight-vlm: error: {counts['failed']} of {len(found)} file(s) could not be read "
+                         f"(each named above); {done} result(s) written")
+    if not done:
+        fail(f"no image or DICOM file in {' '.join(args.image)}")
 
 
 # -----------------------------------------------------------------------------
@@ -2232,7 +2464,7 @@ def on_ctrl_c(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def main(argv: list[str] | None = None) -> dict | list[dict]:
+def main(argv: list[str] | None = None) -> dict | None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["predict"]:
         return predict_images(argv[1:])

@@ -1,5 +1,6 @@
 import csv
 import importlib.util
+import json
 import os
 from collections import Counter
 from pathlib import Path
@@ -55,3 +56,16 @@ def demo_dev_data(lvm, workdir: Path, meta: dict, split: str = "dev"):
     images = lvm.load_images(samples, meta["image_size"], workdir / "cache", Counter())
     return lvm.prepare_split(samples, images, tokenizer, meta["vocab"], meta["labels"], split,
                              lvm.parse_config(["--demo"]))
+
+
+def run_predict(lvm, workdir: Path, args: list[str], capsys) -> list[dict]:
+    """predict run in workdir; the JSON rows it printed."""
+    previous = os.getcwd()
+    os.chdir(workdir)
+    try:
+        lvm.main(["predict", *args])
+    finally:
+        os.chdir(previous)
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return [json.loads(line) for line in out.splitlines()]

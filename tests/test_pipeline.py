@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import MEDPIX, demo_dev_data, read_csv, write_split
+from conftest import MEDPIX, demo_dev_data, read_csv, run_predict, write_split
 
 
 def small_student(lvm, vocab_size=50):
@@ -741,18 +741,6 @@ def test_student_vocabulary_is_the_train_tokens_and_reads_others_as_unknown(lvm,
     assert (ids[:, 4:] == vocab.index(tokenizer.pad_token_id)).all() and ids.max() < len(vocab)
 
 
-def run_predict(lvm, workdir: Path, args: list[str], capsys) -> list[dict]:
-    previous = os.getcwd()
-    os.chdir(workdir)
-    try:
-        rows = lvm.main(["predict", *args])
-    finally:
-        os.chdir(previous)
-    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert printed == rows
-    return rows
-
-
 def test_a_packed_bert_tokenizer_is_its_vocabulary_and_tokenizes_alike(lvm, tmp_path):
     from transformers import AutoTokenizer
     pieces = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "axial", "ct", "of", "the", "brain", "liver", "##s", "mr"]
@@ -846,20 +834,24 @@ def test_a_model_file_alone_predicts_with_and_without_text(lvm, demo_run, tmp_pa
     assert not image_only[0]["with_text"] and image_only[0]["modality"] in ("CT", "MR")
 
 
-@pytest.mark.parametrize("content, expected", [(None, "no_such.png: cannot read the image (No such file or directory)"),
-                                               (b"not a png", "cannot identify image file"),
-                                               (b"", "cannot identify image file")])
-def test_predict_names_a_missing_or_unreadable_image(lvm, demo_run, capsys, content, expected):
+@pytest.mark.parametrize("content, expected", [(None, "No such file or directory"),
+                                               (b"not a png", "neither an image nor a DICOM file"),
+                                               (b"", "neither an image nor a DICOM file")])
+def test_predict_names_a_missing_or_unreadable_image_skips_it_and_exits_1(lvm, demo_run, capsys, content, expected):
     workdir, _ = demo_run
+    good = str(Path(lvm.load_split(workdir / lvm.DEMO["DATA_ROOT"], "dev", Counter())[0]["image"]).relative_to(workdir))
     if content is not None:
         (workdir / "no_such.png").write_bytes(content)
     try:
         with pytest.raises(SystemExit) as stop:
-            run_predict(lvm, workdir, ["--image", "no_such.png"], capsys)
+            run_predict(lvm, workdir, ["--image", "no_such.png", good], capsys)
     finally:
         (workdir / "no_such.png").unlink(missing_ok=True)
-    message = str(stop.value)
-    assert message.startswith("light-weight-vlm: error: no_such.png: ") and expected in message and "\n" not in message
+    out, err = capsys.readouterr()
+    assert [json.loads(line)["image"] for line in out.splitlines()] == [good]  # the others are still answered
+    assert err.splitlines() == [f"light-weight-vlm: skipped no_such.png: {expected}"]
+    assert str(stop.value) == "light-weight-vlm: error: 1 of 2 file(s) could not be read (each named above); " \
+                              "1 result(s) written"
 
 
 def test_predict_rejects_a_missing_model_file_and_mismatched_texts(lvm, demo_run, capsys):
@@ -871,7 +863,7 @@ def test_predict_rejects_a_missing_model_file_and_mismatched_texts(lvm, demo_run
     with pytest.raises(SystemExit) as stop:
         lvm.main(["predict", "--image", "a.png", "b.png", "--text", "x", "--text", "y", "--text", "z"])
     assert stop.value.code == 2
-    assert "give --text once, or once per --image (2 images, 3 texts)" in capsys.readouterr().err
+    assert "give --text once, or once per --image (2 paths, 3 texts)" in capsys.readouterr().err
 
 
 def test_demo_run_draws_pictures_and_a_report_with_the_runs_numbers(lvm, demo_run):
