@@ -49,6 +49,7 @@ import threading
 import time
 import warnings
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext, redirect_stdout
 from pathlib import Path
 from typing import Callable
@@ -127,11 +128,12 @@ GRAD_CLIP = 1.0  # max global gradient norm
 FREEZE_EPOCHS = 5  # the student's pretrained parts (token embedding; image encoder with BACKBONE_WEIGHTS) are frozen,
 # BatchNorm statistics included, for this many epochs
 BACKBONE_LR = 0.1  # learning rate of a pretrained image encoder, as a fraction of LR
-BACKBONE_FROZEN_STAGES = 2  # a pretrained image encoder's stem and this many first stages stay frozen throughout, in
-# training and pruning's recovery: they hold most of its compute, at the highest resolutions (0: all unfrozen)
+BACKBONE_FROZEN_STAGES = 0  # a pretrained image encoder's stem and this many first stages stay frozen throughout, in
+# training and pruning's recovery, and unpruned (0: none). 2 trains faster, but its int8 students read worse
+# (docs/experiments.md)
 EMA_DECAY = 0.99  # dev evaluation and the saved model use this moving average of the weights (0: off)
 # compression
-PRUNE_AMOUNT = 0.3  # fraction of conv and linear weights zeroed by global L1 magnitude
+PRUNE_AMOUNT = 0.3  # fraction of the trained conv and linear weights zeroed by global L1 magnitude
 PRUNE_FINETUNE_EPOCHS = 2  # recovery fine-tune with the masks applied; dev picks the epoch (or none)
 PRUNE_LR = 2e-4
 CALIBRATION_IMAGES = 256  # train images whose activations set the int8 ranges of the convolutions
@@ -1503,7 +1505,10 @@ def grad_scaler(device: torch.device, amp: torch.dtype | None) -> torch.amp.Grad
 
 
 def prunable_weights(model: nn.Module) -> list[tuple[nn.Module, str]]:
-    return [(m, "weight") for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    """The weights of the convolutions and linear layers that are trained (a frozen layer could not recover); a
+    pruned layer trains weight_orig."""
+    return [(m, "weight") for m in model.modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and getattr(m, "weight_orig", m.weight).requires_grad]
 
 
 def prune_global_l1(model: nn.Module, amount: float) -> None:
@@ -1761,8 +1766,8 @@ def compress(student: nn.Module, data: dict[str, Split], cfg, meta: dict, device
         return result
 
     before = check("float", 0)
-    prune_global_l1(student, cfg.PRUNE_AMOUNT)
     fix_early_stages(student, cfg)
+    prune_global_l1(student, cfg.PRUNE_AMOUNT)
     optimizer = adamw([p for p in student.parameters() if p.requires_grad], cfg.PRUNE_LR, cfg.WEIGHT_DECAY, device)
     scaler, generator = grad_scaler(device, amp), torch.Generator().manual_seed(cfg.SEED + 1)
     pruned = best = check("pruned", 0) | dict(epoch=0, state=copy.deepcopy(student.state_dict()))
@@ -2133,31 +2138,38 @@ def read_dicom(path: str, size: int, window: tuple[float, float] | None, frames:
     return out
 
 
-def read_inputs(found: list[tuple[str, int, bool]], size: int, args: argparse.Namespace, counts: Counter):
-    """Yield dict(path, source, frame, image, DICOM fields) per image in input order. A file that cannot be read is
-    named on stderr with the reason and counted in counts['failed']; an unnamed non-image file counts as ignored."""
-    for path, source, named in found:
+def read_file(path: str, named: bool, size: int, args: argparse.Namespace) -> list[dict] | str:
+    """The images of one file (one per asked DICOM frame), or why there are none: 'ignored' for an unnamed file
+    that is neither an image nor DICOM, else the reason to report."""
+    try:
+        if not is_dicom(path):
+            return [dict(frame=None, image=decode_image(path, size), dicom_modality=None, dicom_body_part=None)]
         try:
-            if is_dicom(path):
-                try:
-                    images = read_dicom(path, size, args.window, args.frames)
-                except Exception as e:  # pydicom and its plugins raise many kinds; whatever it is, the file is skipped
-                    raise ValueError(" ".join(str(e).split())[:200] or type(e).__name__)
-            else:
-                images = [dict(frame=None, image=decode_image(path, size), dicom_modality=None, dicom_body_part=None)]
-        except UnidentifiedImageError:
-            if not named:
-                counts["ignored"] += 1
-                continue
-            counts["failed"] += 1
-            tqdm.write(f"light-weight-vlm: skipped {path}: neither an image nor a DICOM file", file=sys.stderr)
-            continue
-        except IMAGE_ERRORS as e:
-            counts["failed"] += 1
-            tqdm.write(f"light-weight-vlm: skipped {path}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
-            continue
-        for image in images:
-            yield dict(path=path, source=source, **image)
+            return read_dicom(path, size, args.window, args.frames)
+        except Exception as e:  # pydicom and its plugins raise many kinds; whatever it is, the file is skipped
+            return " ".join(str(e).split())[:200] or type(e).__name__
+    except UnidentifiedImageError:
+        return "neither an image nor a DICOM file" if named else "ignored"
+    except IMAGE_ERRORS as e:
+        return str(getattr(e, "strerror", None) or e)
+
+
+def read_inputs(found: list[tuple[str, int, bool]], size: int, args: argparse.Namespace, counts: Counter):
+    """Yield dict(path, source, frame, image, DICOM fields) per image in input order, a batch of files decoded at a
+    time by two threads (decoding releases the GIL). A file that cannot be read is named on stderr with the reason
+    and counted in counts['failed']; an unnamed non-image file counts as ignored."""
+    files = iter(found)
+    with ThreadPoolExecutor(2) as pool:
+        while chunk := list(itertools.islice(files, args.batch_size)):
+            read = pool.map(lambda entry: read_file(entry[0], entry[2], size, args), chunk)
+            for (path, source, _), images in zip(chunk, read):
+                if images == "ignored":
+                    counts["ignored"] += 1
+                elif isinstance(images, str):
+                    counts["failed"] += 1
+                    tqdm.write(f"light-weight-vlm: skipped {path}: {images}", file=sys.stderr)
+                else:
+                    yield from (dict(path=path, source=source, **image) for image in images)
 
 
 def student_texts(args: argparse.Namespace, meta: dict) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:

@@ -479,6 +479,24 @@ def test_pruning_reaches_the_asked_sparsity_and_becomes_permanent(lvm):
     assert not any(name.endswith("_orig") for name, _ in student.named_parameters())
 
 
+def test_pruning_leaves_the_fixed_early_stages_whole(lvm):
+    import argparse
+    torch.manual_seed(0)
+    student = lvm.Student(50, 0, 2, 5, backbone_stages=3, image_size=32, embed_dim=8, lstm_hidden=8, fusion_dim=16)
+    lvm.fix_early_stages(student, argparse.Namespace(BACKBONE_STAGES=3, BACKBONE_WEIGHTS="w.pth",
+                                                     BACKBONE_FROZEN_STAGES=1))
+    fixed = [m.weight for m in student.cnn[0][:3].modules() if isinstance(m, torch.nn.Conv2d)]
+    before = [w.clone() for w in fixed]
+    lvm.prune_global_l1(student, 0.3)
+    assert lvm.sparsity(student) == pytest.approx(0.3, abs=0.005)  # of the trained layers
+    with torch.no_grad():  # an evaluation between pruning and making it permanent, as the recovery's dev check does
+        student.eval()(torch.randn(2, 3, 32, 32), torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.long))
+    lvm.make_pruning_permanent(student)
+    assert not any(name.endswith("_orig") for name, _ in student.named_parameters())
+    assert all(torch.equal(w, b) for w, b in zip(fixed, before))
+    assert lvm.sparsity(student) == pytest.approx(0.3, abs=0.005)
+
+
 # teacher ------------------------------------------------------------------------
 
 
