@@ -291,6 +291,10 @@ def test_killed_mid_epoch_then_resumed_ends_as_if_never_stopped(lvm, uninterrupt
     workdir = tmp_path / "killed"
     process = start_demo(workdir)
     wait_for_epochs(process, workdir / "logs" / "training_log.csv", 2)
+    log, checkpoint = workdir / "logs" / "training_log.csv", workdir / "results" / "checkpoint.pt"
+    while not checkpoint.exists() or checkpoint.stat().st_mtime_ns < log.stat().st_mtime_ns:
+        time.sleep(0.02)  # the second epoch's checkpoint, saved after its log row, is not there yet: a kill while it is
+        # written would leave its temporary file, which no later run can tell from another run's
     time.sleep(0.2)  # into the third epoch
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
