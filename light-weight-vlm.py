@@ -80,7 +80,7 @@ IMAGE_SIZE = 112  # every image is decoded once and resized to IMAGE_SIZE x IMAG
 MAX_TOKENS = 128  # input text (Caption, then History) is truncated to this many tokens
 # teacher: frozen backbones, features computed once per sample; small heads trained on them
 VISION_TEACHER = "openai/clip-vit-base-patch32"  # CLIP: hub id or local folder; or an EfficientNet-Lite0 weights file
-# (like BACKBONE_WEIGHTS), read at TEACHER_IMAGE_SIZE; None: no vision tower
+# (like BACKBONE_WEIGHTS, read at 224 px); None: no vision tower
 TEXT_TEACHER = "distilbert/distilbert-base-uncased"  # hub id or local folder; None: no text tower
 TOKENIZER = None  # the student's tokenizer (hub id or folder); None: TEXT_TEACHER's
 TEACHER_BATCH_SIZE = 64  # batch size of the backbones' feature pass
@@ -100,37 +100,31 @@ LSTM_HIDDEN = 96  # per direction; the text vector is the masked mean of both di
 FUSION_DIM = 256  # width of the fused image + text layer in front of the two heads
 DROPOUT = 0.2
 TEXT_DROPOUT = 0.5  # fraction of training samples whose whole text is removed
-IMAGE_ONLY_LOSS = 1.0  # weight of the same loss computed again with every text removed, so that the
-# image path learns to decide alone rather than lean on captions that 1653 samples let it overfit (0: off)
+IMAGE_ONLY_LOSS = 1.0  # weight of the same loss computed again with every text removed, so that the image path
+# learns to decide alone (0: off)
 # distillation: loss = (1 - KD_ALPHA) * CE + KD_ALPHA * T^2 * KL, per task
-KD_ALPHA = (0.0, 0.5)  # per task: (modality, location). Modality is learnt from the labels alone: the offline, text-only
-# teacher reads modality worse than the student's image path does (grouped cross-validation in the README)
+KD_ALPHA = (0.0, 0.5)  # per task (modality, location), each in [0, 1]; modality from labels alone (docs/experiments.md)
 KD_TEMPERATURE = 4.0
 LABEL_SMOOTHING = 0.1
 FEATURE_KD = 3.0  # weight of the feature term: cosine distance of the student's image and text vectors,
 # through a linear adapter each, to the teacher's features of the same tower (0: off)
-# extra text-only training samples for the location head, since location is a case label: each train case gives one
-# per group of its Case fields below (the group's texts joined), with the teacher's location logits on that text, and
-# the student reads it with its image vector zeroed. The model's input stays Caption + History; no dev or test case
-# is read for this. (): none
+# extra text-only location samples: each train case gives one per group of its Case fields (joined), read with the
+# image vector zeroed; never model input, never from dev or test. (): none
 CASE_TEXTS = (("Title", "Findings"), ("Discussion",), ("Case Diagnosis", "Differential Diagnosis"))
 CASE_TEXT_LOSS = 1.0  # weight of their location loss (0: off)
-CASE_TEXT_MIN_COUNT = 2  # a token id that only the case texts hold gets its own embedding row when they hold it this
-# often, rarer ones read as the unknown token: the rows are most of the int8 file's bytes (1: every id)
+CASE_TEXT_MIN_COUNT = 2  # a token only the case texts hold gets an embedding row if seen this often, else reads as
+# unknown (the rows are most of the int8 file's bytes; 1: every token)
 # training
-EPOCHS = 30  # 20 before: 30 reads modality better on every fold, location a little (grouped cross-validation in the README)
+EPOCHS = 30  # passes over the train split (30 over 20: docs/experiments.md)
 BATCH_SIZE = 32  # per process: under torchrun the global batch is BATCH_SIZE x processes
 GRAD_ACCUM_STEPS = 1  # optimizer step every this many batches
 LR = 2e-3  # peak learning rate of AdamW, after linear warm-up, then cosine decay
 WEIGHT_DECAY = 0.05
-WARMUP_EPOCHS = 1
+WARMUP_EPOCHS = 1  # linear warm-up of the learning rate, in epochs
 GRAD_CLIP = 1.0  # max global gradient norm
 FREEZE_EPOCHS = 5  # the student's pretrained parts (token embedding; image encoder with BACKBONE_WEIGHTS) are frozen,
 # BatchNorm statistics included, for this many epochs
 BACKBONE_LR = 0.1  # learning rate of a pretrained image encoder, as a fraction of LR
-BACKBONE_FROZEN_STAGES = 0  # a pretrained image encoder's stem and this many first stages stay frozen throughout, in
-# training and pruning's recovery, and unpruned (0: none). 2 trains faster, but its int8 students read worse
-# (docs/experiments.md)
 EMA_DECAY = 0.99  # dev evaluation and the saved model use this moving average of the weights (0: off)
 # compression
 PRUNE_AMOUNT = 0.3  # fraction of the trained conv and linear weights zeroed by global L1 magnitude
@@ -225,8 +219,6 @@ def config_ranges(cfg: dict) -> list[tuple[str, bool, str]]:
              ("CNN_CHANNELS", len(channels) > 0 and all(isinstance(c, int) and c > 0 for c in channels),
               "a tuple of positive widths"),
              ("BACKBONE_STAGES", cfg["BACKBONE_STAGES"] in range(8), "one of 0 (no backbone) to 7 (all stages)"),
-             ("BACKBONE_FROZEN_STAGES", cfg["BACKBONE_FROZEN_STAGES"] in range((cfg["BACKBONE_STAGES"] or 7) + 1),
-              "one of 0 to BACKBONE_STAGES"),
              ("IMAGE_SIZE", cfg["BACKBONE_STAGES"] or cfg["IMAGE_SIZE"] >= smallest,
               f"at least 2 ** len(CNN_CHANNELS) = {smallest} for the from-scratch CNN"),
              ("KD_ALPHA", len(alpha) == len(TASKS) and all(isinstance(a, (int, float)) and 0 <= a <= 1 for a in alpha),
@@ -964,21 +956,10 @@ def pca_embedding(teacher_embedding: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.from_numpy(reduced / reduced.std()).float()
 
 
-def pretrained_parameters(student: Student, backbone: bool, fixed_stages: int = 0) -> list[nn.Parameter]:
+def pretrained_parameters(student: Student, backbone: bool) -> list[nn.Parameter]:
     """What starts from pretrained values, and is frozen for the first FREEZE_EPOCHS: the token embedding, and the
-    image encoder when it starts from weights (backbone), less its stem and first fixed_stages stages."""
-    return [student.embedding.weight, *(student.cnn[0][fixed_parts(fixed_stages):].parameters() if backbone else ())]
-
-
-def fixed_parts(stages: int) -> int:
-    """How many modules of the image encoder's body are the stem (a convolution and its BatchNorm) and first stages."""
-    return 2 + stages if stages else 0
-
-
-def fix_early_stages(student: Student, cfg) -> None:
-    """Freeze a pretrained image encoder's stem and first BACKBONE_FROZEN_STAGES stages for good."""
-    if backbone_weights(cfg):
-        set_frozen(list(student.cnn[0][:fixed_parts(cfg.BACKBONE_FROZEN_STAGES)].parameters()), True)
+    image encoder when it starts from weights (backbone)."""
+    return [student.embedding.weight, *(student.cnn.parameters() if backbone else ())]
 
 
 def set_frozen(parameters: list[nn.Parameter], frozen: bool) -> None:
@@ -1391,8 +1372,7 @@ def train_student(student: nn.Module, data: dict[str, Split], cfg, names: dict, 
     rank, world = rank_and_world()
     adapters = feature_adapters(student, data["train"].features).to(device)
     distiller = Distiller(student, adapters if cfg.FEATURE_KD > 0 else nn.ModuleDict(), cfg.IMAGE_ONLY_LOSS > 0)
-    fix_early_stages(student, cfg)
-    pretrained = pretrained_parameters(student, backbone_weights(cfg) is not None, cfg.BACKBONE_FROZEN_STAGES)
+    pretrained = pretrained_parameters(student, backbone_weights(cfg) is not None)
     slow = set(pretrained[1:])  # a pretrained image encoder learns at BACKBONE_LR x LR
     groups = [dict(params=[p for p in [*student.parameters(), *adapters.parameters()]
                            if p.requires_grad and p not in slow])]
@@ -1766,7 +1746,6 @@ def compress(student: nn.Module, data: dict[str, Split], cfg, meta: dict, device
         return result
 
     before = check("float", 0)
-    fix_early_stages(student, cfg)
     prune_global_l1(student, cfg.PRUNE_AMOUNT)
     optimizer = adamw([p for p in student.parameters() if p.requires_grad], cfg.PRUNE_LR, cfg.WEIGHT_DECAY, device)
     scaler, generator = grad_scaler(device, amp), torch.Generator().manual_seed(cfg.SEED + 1)
@@ -2509,6 +2488,25 @@ def main(argv: list[str] | None = None) -> dict | None:
             dist.destroy_process_group()
 
 
+def load_data(cfg) -> tuple[dict[str, list[dict]], dict[str, torch.Tensor], Counter]:
+    """Each split's samples that have a readable image, the decoded images by key, and the skipped samples counted
+    by reason. With --demo, the demo data and teachers are made first."""
+    root, skipped, images = Path(cfg.DATA_ROOT), Counter(), {}
+    with rank_zero_first():  # under torchrun process 0 makes the demo files and decodes, the others read its cache
+        if cfg.demo:  # every process, so that all draw the same random numbers after it (each file is renamed whole)
+            make_demo_data(root, cfg.SEED)
+            own = lambda key: Path(DEMO[key]) if getattr(cfg, key) == DEMO[key] else None  # never over a given model
+            make_demo_teachers(own("VISION_TEACHER"), own("TEXT_TEACHER"), cfg.SEED)
+        check_layout(root)
+        splits = {s: load_split(root, s, skipped) for s in SPLITS if all(p.exists() for p in split_files(root, s))}
+        for split, samples in splits.items():
+            images.update(load_images(samples, cfg.IMAGE_SIZE, Path(cfg.CACHE_DIR), skipped))
+            splits[split] = [s for s in samples if s["image_key"]]
+            if not splits[split]:
+                fail(f"split '{split}' has no sample with a readable image")
+    return splits, images, skipped
+
+
 def run(cfg, argv: list[str], device: torch.device) -> dict:
     """Every stage, from data to report. Under torchrun the other processes stop after training, and
     return an empty dict."""
@@ -2519,23 +2517,10 @@ def run(cfg, argv: list[str], device: torch.device) -> dict:
     amp = resolve_amp(cfg.AMP_DTYPE, device)
     torch.backends.cudnn.benchmark = True  # fixed image shapes: let cuDNN pick its fastest convolutions once
     torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32 (evaluation above all), not TF32 on Ampere and newer
-    root, cache_dir = Path(cfg.DATA_ROOT), Path(cfg.CACHE_DIR)
     weights = backbone_weights(cfg)  # first: a missing weights package stops the run before any work
-    skipped, images = Counter(), {}
-    with rank_zero_first():  # under torchrun process 0 makes the demo files and decodes, the others read its cache
-        if cfg.demo:  # every process, so that all draw the same random numbers after it (each file is renamed whole)
-            make_demo_data(root, cfg.SEED)
-            own = lambda key: Path(DEMO[key]) if getattr(cfg, key) == DEMO[key] else None  # never over a given model
-            make_demo_teachers(own("VISION_TEACHER"), own("TEXT_TEACHER"), cfg.SEED)
 
-        # data
-        check_layout(root)
-        splits = {s: load_split(root, s, skipped) for s in SPLITS if all(p.exists() for p in split_files(root, s))}
-        for split, samples in splits.items():
-            images.update(load_images(samples, cfg.IMAGE_SIZE, cache_dir, skipped))
-            splits[split] = [s for s in samples if s["image_key"]]
-            if not splits[split]:
-                fail(f"split '{split}' has no sample with a readable image")
+    # data
+    splits, images, skipped = load_data(cfg)
     names = {task: label_names(splits["train"], task) for task in TASKS}
     n_classes = (len(names["modality"]), len(names["location"]))
     print("data: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) +
@@ -2546,7 +2531,7 @@ def run(cfg, argv: list[str], device: torch.device) -> dict:
     teacher = load_teacher(cfg)
     teacher_params = sum(count_parameters(teacher[k]) for k in ("vision", "text") if k in teacher)
     features = {split: teacher_features(samples, teacher, cfg, device, amp) for split, samples in splits.items()}
-    case_texts = load_case_texts(root, cfg.CASE_TEXTS, splits["train"]) if cfg.CASE_TEXT_LOSS > 0 else []
+    case_texts = load_case_texts(Path(cfg.DATA_ROOT), cfg.CASE_TEXTS, splits["train"]) if cfg.CASE_TEXT_LOSS > 0 else []
     if case_texts and "text" not in teacher:
         print("case texts: none, since the teacher has no text tower to read them")
         case_texts = []

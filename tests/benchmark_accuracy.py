@@ -34,7 +34,6 @@ ROWS = {  # the default, the default without one of its parts, and settings prob
     "vision-teacher": ["--VISION_TEACHER", EFFICIENTNET_FILE],  # the teacher reads the image too
     "from-scratch": ["--BACKBONE_STAGES", "0"],  # the student's CNN from scratch: the default before the pretrained encoder
     "from-scratch-vision-teacher": ["--BACKBONE_STAGES", "0", "--VISION_TEACHER", EFFICIENTNET_FILE],
-    "fixed-early-stages": ["--BACKBONE_FROZEN_STAGES", "2"],  # the stem and first two stages frozen throughout
     "frozen-backbone": ["--FREEZE_EPOCHS", "30"],  # pretrained parts frozen throughout (the token embedding too)
     "160-px": ["--IMAGE_SIZE", "160"],
     "no-case-texts": ["--CASE_TEXT_LOSS", "0"],

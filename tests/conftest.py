@@ -3,6 +3,7 @@ import importlib.util
 import json
 import os
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import jsonlines
@@ -69,3 +70,31 @@ def run_predict(lvm, workdir: Path, args: list[str], capsys) -> list[dict]:
     out, err = capsys.readouterr()
     assert "Traceback" not in err
     return [json.loads(line) for line in out.splitlines()]
+
+
+@contextmanager
+def head_output_dtypes(lvm):
+    """(training, dtype) of every output of the modality head of each Student built meanwhile (a forward hook)."""
+    seen, build = [], lvm.Student.__init__
+
+    def build_with_hook(self, *args, **kwargs):
+        build(self, *args, **kwargs)
+        self.modality_head.register_forward_hook(lambda module, inputs, output: seen.append((module.training,
+                                                                                            output.dtype)))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(lvm.Student, "__init__", build_with_hook)
+        yield seen
+
+
+def dtypes_seen(seen: list, training: bool) -> set:
+    return {dtype for in_training, dtype in seen if in_training == training}
+
+
+def assert_warm_up_then_cosine(lvm, log: Path) -> None:
+    """The lr column of a training log (the rate at the end of each epoch): the peak LR after the one warm-up
+    epoch, then falling to zero on a cosine, which is symmetric about its midpoint."""
+    rows = read_csv(log)
+    lr = [float(row[rows[0].index("lr")]) for row in rows[1:]]
+    assert lr[0] == pytest.approx(lvm.LR, rel=1e-3) and lr[-1] == pytest.approx(0, abs=1e-9)
+    assert all(a > b for a, b in zip(lr, lr[1:]))
+    assert all(a + b == pytest.approx(lvm.LR, rel=1e-2) for a, b in zip(lr, reversed(lr)))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from benchmark_gpu import host_syncs
-from conftest import demo_dev_data, read_csv
+from conftest import demo_dev_data, dtypes_seen, head_output_dtypes, read_csv
 from test_reliability import finish, start_demo, stop_message, wait_for_epochs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -20,15 +20,17 @@ CUDA, CPU = torch.device("cuda"), torch.device("cpu")
 
 @pytest.fixture(scope="module", params=["bf16", "fp16", "fp32"])
 def cuda_run(lvm, request, tmp_path_factory):
-    """A full --demo run on the GPU with the given AMP dtype, in-process, in a fresh working directory."""
+    """A full --demo run on the GPU with the given AMP dtype, in-process, in a fresh working directory; with the
+    dtypes of the student's outputs in training and in evaluation."""
     workdir = tmp_path_factory.mktemp(f"cuda-{request.param}")
     previous = os.getcwd()
     os.chdir(workdir)
     try:
-        metrics = lvm.main(["--demo", "--DEVICE", "cuda", "--AMP_DTYPE", request.param])
+        with head_output_dtypes(lvm) as seen:
+            metrics = lvm.main(["--demo", "--DEVICE", "cuda", "--AMP_DTYPE", request.param])
     finally:
         os.chdir(previous)
-    return request.param, workdir, metrics
+    return request.param, workdir, metrics, seen
 
 
 def tensors(obj) -> list[torch.Tensor]:
@@ -39,8 +41,10 @@ def tensors(obj) -> list[torch.Tensor]:
 
 
 def test_demo_run_on_cuda_learns_and_records_its_precision(lvm, cuda_run):
-    amp, workdir, metrics = cuda_run
+    amp, workdir, metrics, seen = cuda_run
     assert metrics["device"].startswith("cuda") and metrics["precision"] == amp
+    trained_in = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)[amp]  # the modality head's outputs
+    assert dtypes_seen(seen, training=True) == {trained_in} and dtypes_seen(seen, training=False) == {torch.float32}
     rows = read_csv(workdir / "logs" / "training_log.csv")
     assert [int(r[0]) for r in rows[1:]] == list(range(1, lvm.DEMO["EPOCHS"] + 1))
     losses = [float(r[1]) for r in rows[1:]]
@@ -49,7 +53,7 @@ def test_demo_run_on_cuda_learns_and_records_its_precision(lvm, cuda_run):
 
 
 def test_files_written_on_cuda_load_on_the_cpu_and_agree_with_the_gpu(lvm, cuda_run):
-    amp, workdir, metrics = cuda_run
+    amp, workdir, metrics, _ = cuda_run
     results = workdir / "results"
     for name in ("lightweight_vlm.pth", "lightweight_vlm_int8.pt", "checkpoint.pt"):
         saved = torch.load(results / name, weights_only=False)  # no map_location: CUDA tensors would land on the GPU

@@ -3,6 +3,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import MEDPIX, demo_dev_data, read_csv, run_predict, write_split
+from conftest import MEDPIX, assert_warm_up_then_cosine, demo_dev_data, dtypes_seen, head_output_dtypes, read_csv, run_predict, write_split
 
 
 def small_student(lvm, vocab_size=50):
@@ -199,13 +200,16 @@ def test_kd_loss_kl_term_vanishes_when_student_equals_teacher(lvm):
 
 
 def test_kd_loss_scales_kl_by_temperature_squared(lvm):
-    student, teacher, labels = torch.randn(8, 5), torch.randn(8, 5), torch.randint(0, 5, (8,))
+    # worked by hand: at temperature T the teacher's logits (T ln 3, 0) soften to (3/4, 1/4) and the student's (0, 0)
+    # to (1/2, 1/2), so KL = 3/4 ln(3/2) + 1/4 ln(1/2); a second student equal to its teacher adds 0 to the sum
+    kl = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
     for t in (1.0, 2.0, 4.0):
-        kl = F.kl_div(F.log_softmax(student / t, 1), F.softmax(teacher / t, 1), reduction="batchmean")
-        assert lvm.distillation_loss(student, teacher, labels, 1.0, t).item() == pytest.approx(t * t * kl.item(), rel=1e-5)
-    mixed = lvm.distillation_loss(student, teacher, labels, 0.25, 2.0)
-    expected = 0.75 * F.cross_entropy(student, labels) + 0.25 * lvm.distillation_loss(student, teacher, labels, 1.0, 2.0)
-    assert mixed.item() == pytest.approx(expected.item(), rel=1e-5)
+        student, teacher = torch.tensor([[0.0, 0.0], [1.0, -1.0]]), torch.tensor([[t * math.log(3), 0.0], [1.0, -1.0]])
+        labels = torch.tensor([0, 0])
+        assert lvm.distillation_loss(student, teacher, labels, 1.0, t).item() == pytest.approx(t * t * kl / 2, rel=1e-5)
+    student, teacher, labels = torch.zeros(1, 2), torch.tensor([[2 * math.log(3), 0.0]]), torch.tensor([0])
+    expected = 0.75 * math.log(2) + 0.25 * 4 * kl  # cross-entropy of (1/2, 1/2) is ln 2
+    assert lvm.distillation_loss(student, teacher, labels, 0.25, 2.0).item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_kd_loss_with_alpha_zero_is_plain_cross_entropy(lvm):
@@ -413,24 +417,6 @@ def test_a_frozen_image_encoder_keeps_weights_and_statistics_then_learns(lvm):
         assert student.image_projection.weight.requires_grad and student.embedding.weight.requires_grad != frozen
 
 
-def test_the_fixed_early_stages_stay_frozen_while_the_later_ones_learn(lvm):
-    import argparse
-    torch.manual_seed(0)
-    student = lvm.Student(50, 0, 2, 5, backbone_stages=3, image_size=32, embed_dim=8, lstm_hidden=8, fusion_dim=16)
-    cfg = argparse.Namespace(BACKBONE_STAGES=3, BACKBONE_WEIGHTS="w.pth", BACKBONE_FROZEN_STAGES=1)
-    lvm.fix_early_stages(student, cfg)
-    pretrained = lvm.pretrained_parameters(student, backbone=True, fixed_stages=1)
-    lvm.set_frozen(pretrained, False)  # what unfreezing after FREEZE_EPOCHS does
-    before = {k: v.clone() for k, v in student.cnn.state_dict().items()}
-    student.train()
-    optimizer = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=0.1)
-    ids, mask = torch.randint(1, 50, (4, 5)), torch.ones(4, 5, dtype=torch.long)
-    sum(o.sum() for o in student(torch.randn(4, 3, 32, 32), ids, mask)).backward()
-    optimizer.step()
-    changed = {k.split(".")[1] for k, v in student.cnn.state_dict().items() if not torch.equal(v, before[k])}
-    assert changed == {"3", "4"}  # body parts: 0 stem conv, 1 its BatchNorm, 2 stage 1 (fixed), 3-4 stages 2-3
-
-
 def test_forward_with_and_without_text(lvm):
     torch.manual_seed(0)
     student = small_student(lvm).eval()
@@ -479,22 +465,19 @@ def test_pruning_reaches_the_asked_sparsity_and_becomes_permanent(lvm):
     assert not any(name.endswith("_orig") for name, _ in student.named_parameters())
 
 
-def test_pruning_leaves_the_fixed_early_stages_whole(lvm):
-    import argparse
+def test_pruning_spares_frozen_layers(lvm):
     torch.manual_seed(0)
     student = lvm.Student(50, 0, 2, 5, backbone_stages=3, image_size=32, embed_dim=8, lstm_hidden=8, fusion_dim=16)
-    lvm.fix_early_stages(student, argparse.Namespace(BACKBONE_STAGES=3, BACKBONE_WEIGHTS="w.pth",
-                                                     BACKBONE_FROZEN_STAGES=1))
-    fixed = [m.weight for m in student.cnn[0][:3].modules() if isinstance(m, torch.nn.Conv2d)]
-    before = [w.clone() for w in fixed]
+    lvm.set_frozen(lvm.pretrained_parameters(student, backbone=True), True)  # a run that ends inside FREEZE_EPOCHS
+    frozen = [m.weight for m in student.cnn.modules() if isinstance(m, torch.nn.Conv2d)]
+    before = [w.clone() for w in frozen]
     lvm.prune_global_l1(student, 0.3)
     assert lvm.sparsity(student) == pytest.approx(0.3, abs=0.005)  # of the trained layers
     with torch.no_grad():  # an evaluation between pruning and making it permanent, as the recovery's dev check does
         student.eval()(torch.randn(2, 3, 32, 32), torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.long))
     lvm.make_pruning_permanent(student)
     assert not any(name.endswith("_orig") for name, _ in student.named_parameters())
-    assert all(torch.equal(w, b) for w, b in zip(fixed, before))
-    assert lvm.sparsity(student) == pytest.approx(0.3, abs=0.005)
+    assert all(torch.equal(w, b) for w, b in zip(frozen, before))
 
 
 # teacher ------------------------------------------------------------------------
@@ -688,13 +671,50 @@ def test_demo_runs_under_bf16_autocast_on_the_cpu(lvm, tmp_path):
     previous = os.getcwd()
     os.chdir(tmp_path)
     try:
-        metrics = lvm.main(["--demo", "--DEVICE", "cpu", "--AMP_DTYPE", "bf16"])
+        with head_output_dtypes(lvm) as seen:
+            metrics = lvm.main(["--demo", "--DEVICE", "cpu", "--AMP_DTYPE", "bf16"])
     finally:
         os.chdir(previous)
     assert metrics["precision"] == "bf16" and metrics["device"] == "cpu"
+    assert dtypes_seen(seen, training=True) == {torch.bfloat16} and dtypes_seen(seen, training=False) == {torch.float32}
     losses = [float(r[1]) for r in read_csv(tmp_path / "logs" / "training_log.csv")[1:]]
     assert len(losses) == lvm.DEMO["EPOCHS"] and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
     assert metrics["student"]["dev"]["modality_acc"] > 0.8 and metrics["student"]["dev"]["location_acc"] > 0.6
+
+
+def test_the_saved_student_is_the_log_epoch_with_the_best_dev_mean_macro_f1(lvm, demo_run):
+    workdir, metrics = demo_run
+    rows = read_csv(workdir / "logs" / "training_log.csv")
+    columns = {name: rows[0].index(name) for name in ("val_modality_acc", "val_location_acc", "modality_f1",
+                                                      "location_f1")}
+    logged = [tuple(float(row[i]) for i in columns.values()) for row in rows[1:]]
+    best = max(range(len(logged)), key=lambda i: logged[i][2] + logged[i][3])  # the first of equals
+    model, meta = lvm.load_student(workdir / "results" / "lightweight_vlm.pth")
+    data = demo_dev_data(lvm, workdir, meta)
+    dev = lvm.evaluate_logits(lvm.predict(model, data, torch.device("cpu")), data, meta["labels"])
+    saved = tuple(round(float(dev[task][k]), 4) for k in ("acc", "f1") for task in lvm.TASKS)
+    assert saved == logged[best]
+
+
+def test_the_learning_rate_warms_up_for_an_epoch_then_falls_on_a_cosine(lvm, demo_run):
+    assert_warm_up_then_cosine(lvm, demo_run[0] / "logs" / "training_log.csv")
+
+
+def test_each_file_holds_the_temperature_that_fits_its_own_dev_logits(lvm, demo_run):
+    workdir, _ = demo_run
+    meta = lvm.load_student(workdir / "results" / "lightweight_vlm.pth")[1]
+    data = demo_dev_data(lvm, workdir, meta)
+    grid = torch.exp(torch.linspace(math.log(0.05), math.log(20), 3001))  # steps of 0.2 %
+    found = {}
+    for file in ("lightweight_vlm.pth", "lightweight_vlm.onnx", "lightweight_vlm_int8.pt", "lightweight_vlm_int8.onnx"):
+        model, file_meta = lvm.open_student(workdir / "results" / file)
+        for task, logits, labels in zip(lvm.TASKS, lvm.predict(model, data, torch.device("cpu")), data.labels):
+            nll = [float(F.cross_entropy(logits.double() / t, labels)) for t in grid]
+            found[file, task] = float(grid[int(np.argmin(nll))])
+            assert file_meta["temperature"][task] == pytest.approx(found[file, task], rel=0.005), (file, task)
+    # the int8 files' logits differ from the float ones' enough that one temperature for all would be caught
+    assert any(abs(found["lightweight_vlm_int8.pt", task] / found["lightweight_vlm.pth", task] - 1) > 0.01
+               for task in lvm.TASKS)
 
 
 def test_int8_student_quantizes_every_layer_kind_and_reports_its_agreement(lvm, demo_run):
@@ -775,6 +795,9 @@ def test_a_packed_bert_tokenizer_is_its_vocabulary_and_tokenizes_alike(lvm, tmp_
 
 
 def test_a_packed_tokenizer_runs_no_code_and_reads_no_file_it_names(lvm, tmp_path, monkeypatch):
+    unpacked = tmp_path / "temp" / "unpacked"  # unpacking happens in a temporary folder made in here
+    unpacked.mkdir(parents=True)
+    monkeypatch.setattr(tempfile, "tempdir", str(unpacked))
     pieces = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "axial", "ct"]
     (tmp_path / "other_vocab.txt").write_text("\n".join(pieces[:5] + ["brain"]) + "\n")
     settings = {"tokenizer_class": "BertTokenizer", "auto_map": {"AutoTokenizer": ["someone/evil--tok.EvilTok", None]},
@@ -784,9 +807,10 @@ def test_a_packed_tokenizer_runs_no_code_and_reads_no_file_it_names(lvm, tmp_pat
     monkeypatch.setattr("builtins.input", lambda *a: pytest.fail("asked whether to run remote code"))
     tokenizer = lvm.unpack_tokenizer(crafted)
     assert tokenizer.get_vocab() == {piece: i for i, piece in enumerate(pieces)}  # its own vocab.txt, nothing else
-    with pytest.raises(ValueError, match="unexpected tokenizer files"):
-        lvm.unpack_tokenizer(gzip.compress(json.dumps({"../../outside.txt": "x"}).encode()))
-    assert not (tmp_path.parent.parent / "outside.txt").exists()
+    for name in ("../outside.txt", "../../outside.txt"):
+        with pytest.raises(ValueError, match="unexpected tokenizer files"):
+            lvm.unpack_tokenizer(gzip.compress(json.dumps({name: "x"}).encode()))
+    assert [p.relative_to(tmp_path) for p in (tmp_path / "temp").rglob("*")] == [Path("temp/unpacked")]
 
 
 def test_predict_prints_one_json_object_per_image_from_either_file(lvm, demo_run, capsys):
@@ -833,6 +857,11 @@ def test_onnx_students_match_the_torch_ones_and_carry_what_predict_needs(lvm, de
     # the demo's 60 dev images through a randomly initialised EfficientNet path at 64 px: its int8 ONNX student
     # agreed on 56 of them in location (real folds: 0.96-0.98, docs/experiments.md)
     assert all(v >= 0.9 for v in metrics["onnx_int8_agreement"]["pruned_float"].values())
+    data = demo_dev_data(lvm, workdir, meta)
+    labels = [[lg.argmax(1) for lg in lvm.predict(model, data, cpu)] for model in (float_model, onnx_int8)]
+    for task, float_labels, int8_labels in zip(lvm.TASKS, *labels):  # against the saved float file, recomputed here
+        agreement = float((float_labels == int8_labels).float().mean())
+        assert metrics["onnx_int8_agreement"]["float"][task] == pytest.approx(agreement, abs=1e-4) and agreement >= 0.85
     assert metrics["student_onnx_int8_file_bytes"] < 0.35 * metrics["student_onnx_file_bytes"]
     for name in ("float", "int8", "onnx_int8"):
         assert metrics["speed"][name]["batch1_ms"] > 0 and metrics["speed"][name]["batch32_per_s"] > 0
@@ -851,7 +880,9 @@ def test_a_model_file_alone_predicts_with_and_without_text(lvm, demo_run, tmp_pa
     assert [r | {"image": None} for r in with_text] == [r | {"image": None} for r in in_place]
     image_only = run_predict(lvm, tmp_path, ["--model", file, "--image", "scan.png",
                                              "--tokenizer", str(tmp_path / "nowhere")], capsys)  # never opened
-    assert not image_only[0]["with_text"] and image_only[0]["modality"] in ("CT", "MR")
+    in_place = run_predict(lvm, workdir, ["--model", f"results/{file}", "--image", sample["image"]], capsys)
+    assert [r | {"image": None} for r in image_only] == [r | {"image": None} for r in in_place]
+    assert not image_only[0]["with_text"] and with_text[0]["with_text"]
 
 
 @pytest.mark.parametrize("content, expected", [(None, "No such file or directory"),

@@ -45,20 +45,20 @@ def small_medpix(lvm, tmp_path) -> Path:
                                            ("splitted_dataset/data_test.jsonl", "data_test.jsonl")])
 def test_incomplete_data_root_stops_naming_what_is_missing(lvm, small_medpix, remove, named):
     shutil.rmtree(small_medpix / remove) if (small_medpix / remove).is_dir() else (small_medpix / remove).unlink()
-    message = stop_message(lambda: lvm.main(["--DATA_ROOT", str(small_medpix)]))
+    message = stop_message(lambda: lvm.main(["--DATA_ROOT", str(small_medpix), "--CACHE_DIR", str(small_medpix.parent)]))
     assert f"{named} is missing" in message and lvm.MEDPIX_URL in message
 
 
 @pytest.mark.parametrize("content", ["", "\n\n  \n"])
 def test_empty_split_file_stops(lvm, small_medpix, content):
     (small_medpix / "splitted_dataset" / "data_dev.jsonl").write_text(content)
-    message = stop_message(lambda: lvm.main(["--DATA_ROOT", str(small_medpix)]))
+    message = stop_message(lambda: lvm.main(["--DATA_ROOT", str(small_medpix), "--CACHE_DIR", str(small_medpix.parent)]))
     assert message.endswith("data_dev.jsonl: empty, no JSON line in it")
 
 
 def test_split_without_usable_sample_stops(lvm, small_medpix):
     write_split(small_medpix, "dev", [{"U_id": "X"}], [{"U_id": "X", "image": "x", "Type": None}])
-    message = stop_message(lambda: lvm.main(["--DATA_ROOT", str(small_medpix)]))
+    message = stop_message(lambda: lvm.main(["--DATA_ROOT", str(small_medpix), "--CACHE_DIR", str(small_medpix.parent)]))
     assert message.endswith("descriptions_dev.jsonl: no usable sample in split 'dev'")
 
 
@@ -95,16 +95,16 @@ def test_record_without_a_usable_field_or_case_is_skipped_and_counted(lvm, tmp_p
 # images ---------------------------------------------------------------------------------
 
 
-def png_bytes(tmp_path: Path) -> bytes:
-    Image.effect_noise((64, 64), 40).convert("RGB").save(tmp_path / "noise.png")
+def png_bytes(tmp_path: Path, side: int = 64) -> bytes:
+    Image.effect_noise((side, side), 40).convert("RGB").save(tmp_path / "noise.png")
     return (tmp_path / "noise.png").read_bytes()
 
 
 @pytest.mark.parametrize("kind", ["missing", "truncated", "not an image", "zero bytes", "huge", "over the warning limit"])
 def test_unusable_image_is_skipped_and_counted(lvm, tmp_path, monkeypatch, capsys, kind):
     good, bad = tmp_path / "good.png", tmp_path / "bad.png"
+    good.write_bytes(png_bytes(tmp_path, 16))  # 256 pixels: under every limit below
     content = png_bytes(tmp_path)
-    good.write_bytes(content)
     writes = {"truncated": content[:len(content) // 2], "not an image": b"<html>not found</html>", "zero bytes": b"",
               "huge": content, "over the warning limit": content}
     if kind in writes:
@@ -114,16 +114,38 @@ def test_unusable_image_is_skipped_and_counted(lvm, tmp_path, monkeypatch, capsy
     samples, skipped = [{"image": str(good)}, {"image": str(bad)}], Counter()
     store = lvm.load_images(samples, 16, tmp_path / "cache", skipped)
     assert skipped == Counter({"image unreadable": 1}) and samples[1]["image_key"] is None
-    assert store[samples[0]["image_key"]].shape == (3, 16, 16) if kind not in limits else len(store) == 0
-    assert f"skipped: {bad}: " in capsys.readouterr().out
+    assert list(store) == [samples[0]["image_key"]] and store[samples[0]["image_key"]].shape == (3, 16, 16)
+    out = capsys.readouterr().out
+    assert out.count(f"skipped: {bad}: ") == 1 and str(good) not in out
 
 
-@pytest.mark.parametrize("mode, fmt", [("CMYK", "JPEG"), ("P", "PNG"), ("1", "PNG"), ("LA", "PNG")])  # 16 bit: test_pipeline
-def test_unusual_image_modes_decode_to_rgb(lvm, tmp_path, mode, fmt):
+def palette_image(alpha: bytes | None) -> Image.Image:
+    image = Image.new("P", (40, 30), 0)
+    image.putpalette([200, 100, 50])
+    if alpha is not None:
+        image.info["transparency"] = alpha  # per palette entry, as PNG's tRNS chunk holds it
+    return image
+
+
+@pytest.mark.parametrize("make, fmt, expected", [  # 16 bit: test_pipeline
+    (lambda: Image.new("RGB", (40, 30), (200, 100, 50)).convert("CMYK"), "JPEG", (200, 100, 50)),
+    (lambda: palette_image(None), "PNG", (200, 100, 50)),
+    (lambda: Image.new("1", (40, 30), 1), "PNG", (255, 255, 255)),
+    (lambda: Image.new("LA", (40, 30), (120, 255)), "PNG", (120, 120, 120)),
+    # half-transparent: laid on black, as a viewer with a black background shows it
+    (lambda: Image.new("RGBA", (40, 30), (200, 100, 50, 128)), "PNG", (100, 50, 25)),
+    (lambda: Image.new("LA", (40, 30), (120, 128)), "PNG", (60, 60, 60)),
+    (lambda: palette_image(b"\x80"), "PNG", (100, 50, 25)),
+    (lambda: palette_image(b"\x00"), "PNG", (0, 0, 0)),
+], ids=["CMYK", "P", "1", "LA", "RGBA-half", "LA-half", "P-half", "P-clear"])
+def test_unusual_image_modes_decode_to_rgb(lvm, tmp_path, make, fmt, expected):
     path = tmp_path / "x.png"  # a MedPix name; the content decides the format
-    Image.new("RGB", (40, 30), (200, 100, 50)).convert(mode).save(path, fmt)
-    image = lvm.decode_image(str(path), 16)
-    assert image.shape == (3, 16, 16) and image.dtype == torch.uint8 and image.float().mean() > 20
+    image = make()
+    image.save(path, fmt, **({"transparency": image.info["transparency"]} if "transparency" in image.info else {}))
+    decoded = lvm.decode_image(str(path), 16)
+    assert decoded.shape == (3, 16, 16) and decoded.dtype == torch.uint8
+    tolerance = 8 if fmt == "JPEG" else 1  # lossy, and PIL's rounding of alpha x colour / 255
+    assert (decoded.int() - torch.tensor(expected)[:, None, None]).abs().max() <= tolerance
 
 
 # labels, teachers, command line ------------------------------------------------------------
@@ -134,7 +156,8 @@ def test_one_class_train_split_and_unseen_dev_label_stop(lvm, small_medpix, tmp_
                     .read_text().splitlines()]
     cases = [json.loads(line) for line in (small_medpix / "splitted_dataset" / "data_train.jsonl").read_text().splitlines()]
     write_split(small_medpix, "train", cases, [d | {"Type": "CT"} for d in descriptions])
-    assert "one modality class only ('CT')" in stop_message(lambda: lvm.main(["--DATA_ROOT", str(small_medpix)]))
+    message = stop_message(lambda: lvm.main(["--DATA_ROOT", str(small_medpix), "--CACHE_DIR", str(tmp_path / "c")]))
+    assert "one modality class only ('CT')" in message
     write_split(small_medpix, "train", cases, descriptions)
     dev = [json.loads(line) for line in (small_medpix / "splitted_dataset" / "descriptions_dev.jsonl")
            .read_text().splitlines()]
@@ -198,6 +221,15 @@ def test_bad_command_line_stops_with_usage_and_one_error_line(lvm, capsys, argv,
     assert lines[1] == f"light-weight-vlm.py: error: {expected}"
 
 
+def small_run(lvm, tmp_path: Path, root: Path, *settings: str) -> dict:
+    """A whole run of one short epoch on small data with tiny teachers; every output under tmp_path."""
+    lvm.make_demo_teachers(tmp_path / "clip", tmp_path / "bert", seed=0)
+    out = [a for k in ("CACHE_DIR", "LOG_DIR", "RESULTS_DIR") for a in (f"--{k}", str(tmp_path / k))]
+    return lvm.main(["--DATA_ROOT", str(root), "--VISION_TEACHER", str(tmp_path / "clip"), "--TEXT_TEACHER",
+                     str(tmp_path / "bert"), "--IMAGE_SIZE", "32", "--EPOCHS", "1", "--HEAD_EPOCHS", "5",
+                     "--PRUNE_FINETUNE_EPOCHS", "0", *out, *settings])
+
+
 def test_skips_are_counted_printed_and_stored_by_a_whole_run(lvm, tmp_path, capsys):
     root = tmp_path / "MedPix-2-0"
     lvm.make_demo_data(root, seed=0, sizes=dict(train=60, dev=15))
@@ -208,17 +240,31 @@ def test_skips_are_counted_printed_and_stored_by_a_whole_run(lvm, tmp_path, caps
     (root / "images" / f"{records[2]['image']}.png").unlink()
     (root / "images" / f"{records[3]['image']}.png").write_bytes(b"")
     descriptions.write_text("\n".join(json.dumps(r) for r in records) + "\n")
-    lvm.make_demo_teachers(tmp_path / "clip", tmp_path / "bert", seed=0)
-    out = [f"--{k}" for k in ("CACHE_DIR", "LOG_DIR", "RESULTS_DIR")]
-    metrics = lvm.main(["--DATA_ROOT", str(root), "--VISION_TEACHER", str(tmp_path / "clip"), "--TEXT_TEACHER",
-                        str(tmp_path / "bert"), "--IMAGE_SIZE", "32", "--EPOCHS", "1", "--HEAD_EPOCHS", "5",
-                        "--PRUNE_FINETUNE_EPOCHS", "0", *[a for k in out for a in (k, str(tmp_path / k))]])
+    metrics = small_run(lvm, tmp_path, root)
     expected = {"record without required field": 1, "case not in the data file": 1, "image unreadable": 2}
     assert metrics["skipped"] == expected
-    assert json.loads((tmp_path / "--RESULTS_DIR" / "metrics.json").read_text())["skipped"] == expected
+    assert json.loads((tmp_path / "RESULTS_DIR" / "metrics.json").read_text())["skipped"] == expected
     last_lines = capsys.readouterr().out.strip().splitlines()[-2:]
     assert last_lines[0] == ("skipped: 1 record without required field, 1 case not in the data file, "
                              "2 image unreadable")
+
+
+@pytest.mark.parametrize("without", ["vision", "text"])
+def test_a_whole_run_with_a_one_tower_teacher_writes_every_output(lvm, tmp_path, without):
+    root = tmp_path / "MedPix-2-0"
+    lvm.make_demo_data(root, seed=0, sizes=dict(train=60, dev=15))
+    settings = dict(vision=["--VISION_TEACHER", "None"],
+                    text=["--TEXT_TEACHER", "None", "--TOKENIZER", str(tmp_path / "bert")])[without]
+    metrics = small_run(lvm, tmp_path, root, *settings)
+    stores = {store.name.split("-")[0] for store in (tmp_path / "CACHE_DIR").glob("*.pt")}
+    assert stores == {"images", dict(vision="text", text="vision")[without]}  # features of the one tower only
+    results = tmp_path / "RESULTS_DIR"
+    for file in ("lightweight_vlm.pth", "lightweight_vlm.onnx", "lightweight_vlm_int8.pt", "lightweight_vlm_int8.onnx"):
+        model, meta = lvm.open_student(results / file)
+        assert set(meta["temperature"]) == set(lvm.TASKS), file
+    for name in ("student", "student_int8", "student_onnx_int8"):
+        assert 0 < metrics[name]["dev"]["modality_acc"] <= 1, name
+    assert (results / "report.md").exists() and (results / "learning_curves.png").exists()
 
 
 # interrupted runs and repeatability -------------------------------------------------------
@@ -287,24 +333,31 @@ def test_two_runs_with_the_same_seed_give_identical_logs_and_predictions(lvm, un
     assert_same_outputs(lvm, uninterrupted, workdir)
 
 
-def test_killed_mid_epoch_then_resumed_ends_as_if_never_stopped(lvm, uninterrupted, tmp_path):
+@pytest.mark.parametrize("stage", ["training", "pruning"])
+def test_killed_then_resumed_ends_as_if_never_stopped(lvm, uninterrupted, tmp_path, stage):
     workdir = tmp_path / "killed"
     process = start_demo(workdir)
-    wait_for_epochs(process, workdir / "logs" / "training_log.csv", 2)
     log, checkpoint = workdir / "logs" / "training_log.csv", workdir / "results" / "checkpoint.pt"
-    while not checkpoint.exists() or checkpoint.stat().st_mtime_ns < log.stat().st_mtime_ns:
-        time.sleep(0.02)  # the second epoch's checkpoint, saved after its log row, is not there yet: a kill while it is
-        # written would leave its temporary file, which no later run can tell from another run's
-    time.sleep(0.2)  # into the third epoch
+    if stage == "training":
+        wait_for_epochs(process, log, 2)
+        while not checkpoint.exists() or checkpoint.stat().st_mtime_ns < log.stat().st_mtime_ns:
+            time.sleep(0.02)  # the second epoch's checkpoint, saved after its log row, is not there yet: a kill while
+            # it is written would leave its temporary file, which no later run can tell from another run's
+        time.sleep(0.2)  # into the third epoch
+    else:
+        while not (workdir / "logs" / "pruning.csv").exists():  # its first row: the float student's dev check
+            assert process.poll() is None, "the run ended before pruning began"
+            time.sleep(0.02)
+        time.sleep(0.1)  # into the pruning
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
-    assert len(read_csv(workdir / "logs" / "training_log.csv")) - 1 < lvm.DEMO["EPOCHS"]
+    assert (len(read_csv(log)) - 1 < lvm.DEMO["EPOCHS"]) == (stage == "training")
     assert not (workdir / "results" / "metrics.json").exists()
 
     code, out, err = finish(start_demo(workdir, "--resume"))
     assert code == 0, err
     assert "resumed from results/checkpoint.pt: " in out
-    epochs = [int(row[0]) for row in read_csv(workdir / "logs" / "training_log.csv")[1:]]
+    epochs = [int(row[0]) for row in read_csv(log)[1:]]
     assert epochs == list(range(1, lvm.DEMO["EPOCHS"] + 1))  # each epoch exactly once
     assert_same_outputs(lvm, uninterrupted, workdir)
     assert not list(workdir.rglob(".*.tmp"))
@@ -392,9 +445,14 @@ def test_two_runs_started_at_once_in_one_folder_both_finish(lvm, tmp_path):
     metrics = [without_timings(json.loads((tmp_path / f"results{i}" / "metrics.json").read_text())) for i in (1, 2)]
     assert metrics[0] == metrics[1]  # same seed, same run
     assert not list(tmp_path.rglob(".*.tmp")) and not list((tmp_path / "cache" / "demo").glob(".*"))
-    for store in (tmp_path / "cache").glob("*.pt"):
-        entries = torch.load(store, weights_only=True)
-        assert len(entries) == (318 if store.name.startswith(("images-", "vision-")) else len(entries)) > 0, store
+    root = tmp_path / lvm.DEMO["DATA_ROOT"]
+    samples = {split: lvm.load_split(root, split, Counter()) for split in lvm.SPLITS}
+    texts = {s["text"] for split in samples.values() for s in split}
+    texts |= {t["text"] for t in lvm.load_case_texts(root, lvm.CASE_TEXTS, samples["train"])}
+    expected = dict(images=318, vision=318, text=len(texts))  # each image and each distinct text once
+    stores = {store.name.split("-")[0]: len(torch.load(store, weights_only=True))
+              for store in (tmp_path / "cache").glob("*.pt")}
+    assert stores == expected and len(texts) > 100
 
 
 # files that hold code ---------------------------------------------------------------------
