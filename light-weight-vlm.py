@@ -3,7 +3,7 @@ light-weight-vlm: distil a CLIP + DistilBERT teacher into a tiny CNN + LSTM stud
 reads a MedPix 2.0 image and its caption and predicts the scan modality (CT / MR) and the
 body-location category.
 
-Run every stage on built-in synthetic data (no download, ~15 s on 2 CPU cores):
+Run every stage on built-in synthetic data (no download, about 45 s on 2 CPU cores):
     python light-weight-vlm.py --demo
 Run on MedPix 2.0 (layout: DATA_ROOT/images/*.png, DATA_ROOT/splitted_dataset/*.jsonl):
     python light-weight-vlm.py --DATA_ROOT ../shared/medpix/MedPix-2-0

@@ -122,13 +122,14 @@ def test_missing_data_fails_with_layout_and_source(lvm, tmp_path):
     assert "\n" not in message
 
 
-@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P"])
-def test_every_image_mode_decodes_to_rgb_of_the_asked_size(lvm, tmp_path, mode):
-    path = tmp_path / "x.png"
+@pytest.mark.parametrize("mode, expected", [("RGB", (200, 100, 50)), ("RGBA", (200, 100, 50)),  # opaque: as it is
+                                            ("L", (124, 124, 124))])  # ITU-R 601 luma: .299 R + .587 G + .114 B
+def test_every_image_mode_decodes_to_rgb_of_the_asked_size(lvm, tmp_path, mode, expected):
+    path = tmp_path / "x.png"  # palette, 1-bit, CMYK, transparency: test_reliability
     Image.new("RGB", (40, 30), (200, 100, 50)).convert(mode).save(path)
     image = lvm.decode_image(str(path), 16)
     assert image.shape == (3, 16, 16) and image.dtype == torch.uint8
-    assert image.float().mean() > 20  # not black: an opaque RGBA stays as it is
+    assert torch.equal(image, torch.tensor(expected, dtype=torch.uint8)[:, None, None].expand(3, 16, 16))
 
 
 def test_16_bit_grayscale_is_stretched_to_8_bit(lvm, tmp_path):
