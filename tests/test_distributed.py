@@ -1,6 +1,7 @@
 """Several processes under torchrun (DistributedDataParallel), on the CPU with gloo: 2 processes on the demo data."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -28,18 +29,20 @@ import importlib.util, sys, torch
 spec = importlib.util.spec_from_file_location("lvm", sys.argv[1])
 lvm = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(lvm)
-make_demo_data, epoch_plan, train_epoch, shares = lvm.make_demo_data, lvm.epoch_plan, lvm.train_epoch, []
+make_demo_data, epoch_plan, train_epoch = lvm.make_demo_data, lvm.epoch_plan, lvm.train_epoch
+shares, steps = [], []
 
 def recording_plan(*args, **kwargs):
     plan = epoch_plan(*args, **kwargs)
     shares.append(plan["order"].tolist())
     return plan
 
-def recording_epoch(model, *args, **kwargs):  # after each epoch of training under DistributedDataParallel
-    loss = train_epoch(model, *args, **kwargs)
+def recording_epoch(model, data, optimizer, *args, **kwargs):  # after each epoch under DistributedDataParallel
+    loss = train_epoch(model, data, optimizer, *args, **kwargs)
     if isinstance(model, lvm.DistributedDataParallel):
         parameters = {k: v.detach().clone() for k, v in model.module.student.named_parameters()}
-        torch.save(dict(shares=shares, parameters=parameters), f"rank{lvm.rank_and_world()[0]}.pt")
+        steps.append(max(int(state["step"]) for state in optimizer.state.values()))  # AdamW counts its steps
+        torch.save(dict(shares=shares, parameters=parameters, steps=steps), f"rank{lvm.rank_and_world()[0]}.pt")
     return loss
 
 lvm.make_demo_data = lambda root, seed: make_demo_data(root, seed, dict(train=201, dev=60, test=60))
@@ -80,6 +83,8 @@ def test_two_processes_train_one_model_and_write_every_output_once(lvm, two_proc
         assert len(set(mine) & set(theirs)) == 1 and len(set(mine)) == len(set(theirs)) == 101
     assert first["parameters"].keys() == second["parameters"].keys()  # one model: every step's gradients met
     assert all(torch.equal(first["parameters"][k], second["parameters"][k]) for k in first["parameters"])
+    steps_per_epoch = math.ceil(math.ceil(101 / 8) / 2)  # 13 batches of 8 a process, an optimizer step every 2
+    assert first["steps"] == second["steps"] == [steps_per_epoch * epoch for epoch in range(1, lvm.DEMO["EPOCHS"] + 1)]
     assert_warm_up_then_cosine(lvm, workdir / "logs" / "training_log.csv")  # a scheduler step per optimizer step
 
 

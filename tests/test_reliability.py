@@ -258,13 +258,18 @@ def test_a_whole_run_with_a_one_tower_teacher_writes_every_output(lvm, tmp_path,
     metrics = small_run(lvm, tmp_path, root, *settings)
     stores = {store.name.split("-")[0] for store in (tmp_path / "CACHE_DIR").glob("*.pt")}
     assert stores == {"images", dict(vision="text", text="vision")[without]}  # features of the one tower only
-    results = tmp_path / "RESULTS_DIR"
-    for file in ("lightweight_vlm.pth", "lightweight_vlm.onnx", "lightweight_vlm_int8.pt", "lightweight_vlm_int8.onnx"):
-        model, meta = lvm.open_student(results / file)
-        assert set(meta["temperature"]) == set(lvm.TASKS), file
-    for name in ("student", "student_int8", "student_onnx_int8"):
-        assert 0 < metrics[name]["dev"]["modality_acc"] <= 1, name
-    assert (results / "report.md").exists() and (results / "learning_curves.png").exists()
+    results, logs = tmp_path / "RESULTS_DIR", tmp_path / "LOG_DIR"
+    models = ["lightweight_vlm.pth", "lightweight_vlm.onnx", "lightweight_vlm_int8.pt", "lightweight_vlm_int8.onnx"]
+    assert sorted(p.name for p in results.iterdir()) == sorted(models + [
+        "checkpoint.pt", "metrics.json", "report.md", "learning_curves.png", "calibration.png",
+        "confusion_modality.png", "confusion_location.png"])
+    assert sorted(p.name for p in logs.iterdir()) == sorted(["teacher.csv", "training_log.csv", "pruning.csv",
+                                                             "confusion_modality_epoch_1.csv",
+                                                             "confusion_location_epoch_1.csv"])
+    for file in models:
+        assert set(lvm.open_student(results / file)[1]["temperature"]) == set(lvm.TASKS), file
+    saved = json.loads((results / "metrics.json").read_text())
+    assert all(saved[name]["dev"] == metrics[name]["dev"] for name in ("student", "student_int8", "student_onnx_int8"))
 
 
 # interrupted runs and repeatability -------------------------------------------------------
@@ -344,14 +349,16 @@ def test_killed_then_resumed_ends_as_if_never_stopped(lvm, uninterrupted, tmp_pa
             time.sleep(0.02)  # the second epoch's checkpoint, saved after its log row, is not there yet: a kill while
             # it is written would leave its temporary file, which no later run can tell from another run's
         time.sleep(0.2)  # into the third epoch
-    else:
-        while not (workdir / "logs" / "pruning.csv").exists():  # its first row: the float student's dev check
+    else:  # kill as soon as the pruned student's row is written: the recovery fine-tune has just begun, and the
+        # next write (its epoch's row) is a training epoch away
+        pruning = workdir / "logs" / "pruning.csv"
+        while not (pruning.exists() and len(read_csv(pruning)) >= 3):  # header, the float check, the pruned one
             assert process.poll() is None, "the run ended before pruning began"
-            time.sleep(0.02)
-        time.sleep(0.1)  # into the pruning
+            time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
     assert (len(read_csv(log)) - 1 < lvm.DEMO["EPOCHS"]) == (stage == "training")
+    assert stage == "training" or len(read_csv(workdir / "logs" / "pruning.csv")) == 3  # killed inside the recovery
     assert not (workdir / "results" / "metrics.json").exists()
 
     code, out, err = finish(start_demo(workdir, "--resume"))
