@@ -115,7 +115,7 @@ CASE_TEXT_LOSS = 1.0  # weight of their location loss (0: off)
 CASE_TEXT_MIN_COUNT = 2  # a token only the case texts hold gets an embedding row if seen this often, else reads as
 # unknown (the rows are most of the int8 file's bytes; 1: every token)
 # training
-EPOCHS = 30  # passes over the train split (30 over 20: docs/experiments.md)
+EPOCHS = 20  # passes over the train split (20 over 30: docs/experiments.md)
 BATCH_SIZE = 32  # per process: under torchrun the global batch is BATCH_SIZE x processes
 GRAD_ACCUM_STEPS = 1  # optimizer step every this many batches
 LR = 2e-3  # peak learning rate of AdamW, after linear warm-up, then cosine decay

@@ -34,10 +34,10 @@ ROWS = {  # the default, the default without one of its parts, and settings prob
     "vision-teacher": ["--VISION_TEACHER", EFFICIENTNET_FILE],  # the teacher reads the image too
     "from-scratch": ["--BACKBONE_STAGES", "0"],  # the student's CNN from scratch: the default before the pretrained encoder
     "from-scratch-vision-teacher": ["--BACKBONE_STAGES", "0", "--VISION_TEACHER", EFFICIENTNET_FILE],
-    "frozen-backbone": ["--FREEZE_EPOCHS", "30"],  # pretrained parts frozen throughout (the token embedding too)
+    "frozen-backbone": ["--FREEZE_EPOCHS", "20"],  # as many as EPOCHS: pretrained parts frozen throughout (token embedding too)
     "160-px": ["--IMAGE_SIZE", "160"],
     "no-case-texts": ["--CASE_TEXT_LOSS", "0"],
-    "20-epochs": ["--EPOCHS", "20"],
+    "30-epochs": ["--EPOCHS", "30"],  # the default before the budget
     "every-case-word": ["--CASE_TEXT_MIN_COUNT", "1"],
     "distil-modality-too": ["--KD_ALPHA", "(0.5, 0.5)"],
     "no-distillation": ["--KD_ALPHA", "(0, 0)", "--FEATURE_KD", "0", "--CASE_TEXT_LOSS", "0"],  # labels only
