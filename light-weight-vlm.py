@@ -1,5 +1,5 @@
 """
-light-weight-vlm: distil a CLIP + DistilBERT teacher into a tiny CNN + LSTM student that
+light-weight-vlm: distil a CLIP + DistilBERT teacher into a tiny student (EfficientNet-Lite0 stages + LSTM) that
 reads a MedPix 2.0 image and its caption and predicts the scan modality (CT / MR) and the
 body-location category.
 
