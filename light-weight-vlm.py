@@ -1,6 +1,6 @@
 """
-light-weight-vlm: distil a CLIP + DistilBERT teacher into a tiny student (EfficientNet-Lite0 stages + LSTM) that
-reads a MedPix 2.0 image and its caption and predicts the scan modality (CT / MR) and the
+light-weight-vlm: distil a CLIP + DistilBERT teacher into a tiny student (EfficientNet-Lite0 stages +
+LSTM) that reads a MedPix 2.0 image and its caption and predicts the scan modality (CT / MR) and the
 body-location category.
 
 Run every stage on built-in synthetic data (no download, about 45 s on 2 CPU cores):
