@@ -157,7 +157,7 @@ SPLITS = ("train", "dev", "test")
 TASKS = ("modality", "location")
 REQUIRED_FIELDS = ("image", "Type", "U_id", "Location Category")
 MEDPIX_URL = "https://github.com/CHILab1/MedPix-2.0"
-NORM_MEAN, NORM_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # pixels to [-1, 1], as EfficientNet-Lite0 was trained
+NORM_MEAN, NORM_STD = 0.5, 0.5  # every channel: (pixel / 255 - 0.5) / 0.5, to [-1, 1] as EfficientNet-Lite0 was trained
 AMP_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
@@ -258,24 +258,41 @@ def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
     return device
 
 
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=15)  # a collective that waits longer stops the run: a process is stuck
+# (the others wait at most for process 0's dev evaluation and checkpoint at an epoch's end)
+PROCESS_ZERO_TIMEOUT = datetime.timedelta(hours=12)  # how long the others wait while process 0 alone decodes the data
+# or compresses and reports after training
+WAIT_FOR_ZERO = []  # the gloo group of those waits, with its own timeout (NCCL's would cut them short)
+
+
 def start_processes(cfg) -> tuple[torch.device, int]:
     """The device, and this process's rank. Under torchrun (WORLD_SIZE > 1 in the environment) it joins the
-    process group: NCCL between GPUs, gloo between CPU processes."""
+    process group: NCCL between GPUs (bound to this process's GPU), gloo between CPU processes."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return resolve_device(cfg.DEVICE), 0
     device = resolve_device(cfg.DEVICE, int(os.environ["LOCAL_RANK"]))
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            timeout=datetime.timedelta(hours=2))  # the others wait while process 0 decodes it all
+        dist.init_process_group("nccl", timeout=COLLECTIVE_TIMEOUT, device_id=device)
+    else:
+        dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT)
+    WAIT_FOR_ZERO.append(dist.new_group(backend="gloo", timeout=PROCESS_ZERO_TIMEOUT))
     if dist.get_rank() > 0:
         from transformers.utils import logging
         logging.disable_progress_bar()  # its own bars, when it loads a model
+    if cfg.BATCH_SIZE < 16 and dist.get_rank() == 0:
+        print(f"warning: BATCH_SIZE {cfg.BATCH_SIZE} per process: BatchNorm normalises over each process's {cfg.BATCH_SIZE} "
+              f"images alone, too few for steady statistics (16 or more); prefer fewer processes or a larger BATCH_SIZE",
+              file=sys.stderr)
     return device, dist.get_rank()
 
 
 def rank_and_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def wait_for_process_zero() -> None:
+    dist.barrier(group=WAIT_FOR_ZERO[0])
 
 
 @contextmanager
@@ -284,10 +301,10 @@ def rank_zero_first():
     and find it made. Outside torchrun, just the block."""
     rank, world = rank_and_world()
     if rank > 0:
-        dist.barrier()
+        wait_for_process_zero()
     yield
     if world > 1 and rank == 0:
-        dist.barrier()
+        wait_for_process_zero()
 
 
 def progress(iterable, desc: str):
@@ -1051,8 +1068,9 @@ def unpack_tokenizer(packed: bytes):
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images to the student's input: [0, 1], then standardised by NORM_MEAN and NORM_STD."""
-    return v2.functional.normalize(images.float() / 255, NORM_MEAN, NORM_STD)
+    """uint8 images to the student's input: [0, 1], then standardised by NORM_MEAN and NORM_STD. Arithmetic with
+    Python numbers: nothing is copied to the GPU (a tensor of the constants would be, at every call)."""
+    return (images.float() / 255 - NORM_MEAN) / NORM_STD
 
 
 # -----------------------------------------------------------------------------
@@ -1139,7 +1157,7 @@ def augment_images(images: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     x = (x * (0.8 + 0.4 * u[:, 6, None, None, None])).clamp(0, 1)  # brightness
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     x = ((x - mean) * (0.8 + 0.4 * u[:, 7, None, None, None]) + mean).clamp(0, 1)  # contrast
-    return v2.functional.normalize(x, NORM_MEAN, NORM_STD).contiguous(memory_format=torch.channels_last)
+    return ((x - NORM_MEAN) / NORM_STD).contiguous(memory_format=torch.channels_last)
 
 
 def epoch_plan(data: Split, batch_size: int, text_dropout: float, generator: torch.Generator, rank: int = 0,
@@ -1169,6 +1187,11 @@ def epoch_plan(data: Split, batch_size: int, text_dropout: float, generator: tor
     return plan
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on device; to a GPU through pinned memory, so that the host does not wait for the copy."""
+    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor.to(device)
+
+
 def sort_by_length(lengths: torch.Tensor) -> torch.Tensor:
     """The order that sorts a batch by decreasing text length, as packing wants it."""
     return lengths.sort(descending=True, stable=True).indices
@@ -1186,8 +1209,11 @@ def train_epoch(model: nn.Module, data: Split, optimizer, scheduler, scaler, cfg
     student = (model.module if distributed else model).student
     model.train()
     plan = epoch_plan(data, cfg.BATCH_SIZE, cfg.TEXT_DROPOUT, generator, rank, world)
-    order, keep_text, draws = (plan[k].to(device) for k in ("order", "keep_text", "draws"))
+    order, keep_text, draws = (to_device(plan[k], device) for k in ("order", "keep_text", "draws"))
     texts = data.case_texts
+    if texts is not None:
+        text_rows = to_device(torch.cat([rows for rows, _ in plan["texts"]]), device).split(
+            [len(rows) for rows, _ in plan["texts"]])
     starts = range(0, len(order), cfg.BATCH_SIZE)
     total = torch.zeros((), device=device)
     optimizer.zero_grad(set_to_none=True)
@@ -1201,8 +1227,7 @@ def train_epoch(model: nn.Module, data: Split, optimizer, scheduler, scaler, cfg
                                        for lg, (t, y), alpha in zip(logits, targets, cfg.KD_ALPHA))
         case_batch = case_targets = None
         if texts is not None and len(plan["texts"][step - 1][0]):
-            rows, text_lengths = plan["texts"][step - 1]
-            rows = rows.to(device, non_blocking=True)
+            rows, text_lengths = text_rows[step - 1], plan["texts"][step - 1][1]
             case_batch = (texts.ids[rows], texts.mask[rows], text_lengths)
             case_targets = (texts.teacher[rows], texts.location[rows])
         step_now = step % cfg.GRAD_ACCUM_STEPS == 0 or step == len(starts)
@@ -1231,7 +1256,7 @@ def train_epoch(model: nn.Module, data: Split, optimizer, scheduler, scaler, cfg
                 if scheduler is not None:
                     scheduler.step()
                 if ema is not None:
-                    ema.update(student)
+                    ema.update()
         total += loss.detach()
     if distributed:
         dist.all_reduce(total)  # a sum: gloo has no mean
@@ -1435,22 +1460,24 @@ def train_student(student: nn.Module, data: dict[str, Split], cfg, names: dict, 
 class MovingAverage:
     """A copy of a model whose weights and BatchNorm statistics follow the model's by an exponential moving
     average, with a decay that ramps up over the first steps so that a short run's average is not dominated
-    by the initial weights. (torch.optim.swa_utils.AveragedModel keeps its step count in a tensor and reads it
-    back on every update, a host sync per step on a GPU; here the count is a plain int.)"""
+    by the initial weights. The tensors are paired once, and each update is two foreach calls: one lerp of the
+    floating-point tensors, one copy of the integer ones (BatchNorm's batch counters). (torch.optim.swa_utils's
+    AveragedModel keeps its step count in a tensor and reads it back at every update, a host sync per step on a GPU;
+    here the count is a plain int.)"""
 
     def __init__(self, model: nn.Module, decay: float):
         self.module, self.decay, self.steps = copy.deepcopy(model).requires_grad_(False), decay, 0
         self.module.lstm.flatten_parameters()  # a deep copy's cuDNN LSTM weights are no longer one block
+        mine, theirs = self.module.state_dict(keep_vars=True), model.state_dict(keep_vars=True)
+        pairs = [(mine[k], theirs[k]) for k in mine]
+        self.floats, self.integers = ([[pair[i] for pair in pairs if pair[0].is_floating_point() == floating]
+                                       for i in (0, 1)] for floating in (True, False))
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        pairs = list(zip(self.module.state_dict().values(), model.state_dict().values()))
-        floats = [(a, b) for a, b in pairs if a.is_floating_point()]
+    def update(self) -> None:
         decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
-        torch._foreach_lerp_([a for a, _ in floats], [b for _, b in floats], 1 - decay)
-        for a, b in pairs:
-            if not a.is_floating_point():  # BatchNorm's batch counters
-                a.copy_(b)
+        torch._foreach_lerp_(self.floats[0], self.floats[1], 1 - decay)
+        torch._foreach_copy_(self.integers[0], self.integers[1])
         self.steps += 1
 
     def state_dict(self) -> dict:
@@ -1746,7 +1773,8 @@ def compress(student: nn.Module, data: dict[str, Split], cfg, meta: dict, device
         return result
 
     before = check("float", 0)
-    prune_global_l1(student, cfg.PRUNE_AMOUNT)
+    prune_global_l1(student, cfg.PRUNE_AMOUNT)  # on contiguous weights: it flattens them with view
+    student.to(memory_format=torch.channels_last)  # as the recovery's augmented batches are
     optimizer = adamw([p for p in student.parameters() if p.requires_grad], cfg.PRUNE_LR, cfg.WEIGHT_DECAY, device)
     scaler, generator = grad_scaler(device, amp), torch.Generator().manual_seed(cfg.SEED + 1)
     pruned = best = check("pruned", 0) | dict(epoch=0, state=copy.deepcopy(student.state_dict()))
@@ -2469,6 +2497,8 @@ def main(argv: list[str] | None = None) -> dict | None:
             metrics = run(cfg, argv, device)  # under torchrun, process 0 alone prints
         if INTERRUPTED:
             raise KeyboardInterrupt
+        if dist.is_initialized():  # the others wait for process 0 to finish, so that all leave the group together
+            wait_for_process_zero()
         return metrics
     except KeyboardInterrupt:
         checkpoint = Path(cfg.RESULTS_DIR) / "checkpoint.pt"
@@ -2486,6 +2516,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+            WAIT_FOR_ZERO.clear()
 
 
 def load_data(cfg) -> tuple[dict[str, list[dict]], dict[str, torch.Tensor], Counter]:

@@ -238,12 +238,12 @@ def test_ema_follows_the_weights_quickly_at_first_then_slowly(lvm):
     with torch.no_grad():
         weight(model).add_(1.0)
         model.cnn[0][1].running_mean.add_(2.0)  # a BatchNorm statistic follows too
-    ema.update(model)  # decay 1/10 at first
+    ema.update()  # decay 1/10 at first
     assert torch.allclose(weight(ema.module), start + 0.9, atol=1e-6)
     assert torch.allclose(ema.module.cnn[0][1].running_mean, torch.full_like(model.cnn[0][1].running_mean, 1.8))
     ema.steps = 10_000
     before = weight(ema.module).clone()
-    ema.update(model)  # then the full decay of 0.99
+    ema.update()  # then the full decay of 0.99
     assert torch.allclose(weight(ema.module), before + 0.01 * (weight(model) - before), atol=1e-6)
     assert not any(p.requires_grad for p in ema.module.parameters())
     restored = lvm.MovingAverage(small_student(lvm), 0.99)
@@ -312,6 +312,11 @@ def test_case_texts_teach_the_location_head_to_read_text_without_an_image(lvm):
     assert with_texts.min() > 0.9 and without.max() < 0.5, (with_texts, without)
 
 
+def test_pixels_are_normalised_to_efficientnet_lite0s_minus_one_to_one(lvm):
+    pixels = torch.tensor([0, 51, 255], dtype=torch.uint8).view(1, 3, 1, 1)
+    assert torch.allclose(lvm.normalize(pixels).flatten(), torch.tensor([-1.0, -0.6, 1.0]))
+
+
 def test_augmentation_draws_map_to_identity_flip_and_intensity(lvm):
     images = torch.randint(0, 256, (2, 3, 12, 12), dtype=torch.uint8)
     neutral = [1 - 1e-7, math.log(1 / 0.9) / math.log(1.1 / 0.9), 0.5, 0.5, 0.5, 0.9, 0.5, 0.5]
@@ -320,7 +325,7 @@ def test_augmentation_draws_map_to_identity_flip_and_intensity(lvm):
     u[1, 5] = 0.1  # flip the second image
     assert torch.allclose(lvm.augment_images(images, u)[1], lvm.normalize(images[1].flip(-1)), atol=1e-3)
     u[1, 5], u[1, 6] = 0.9, 0.0  # brightness x 0.8
-    darker = lvm.augment_images(images, u)[1] * lvm.NORM_STD[0] + lvm.NORM_MEAN[0]  # back to [0, 1]
+    darker = (lvm.augment_images(images, u)[1] + 1) / 2  # back from EfficientNet-Lite0's [-1, 1] to [0, 1]
     assert torch.allclose(darker, images[1].float() / 255 * 0.8, atol=1e-3)
     varied = lvm.augment_images(images.repeat(8, 1, 1, 1), torch.rand(16, lvm.AUGMENT_DRAWS))
     assert varied.shape == (16, 3, 12, 12) and not torch.allclose(varied[0], varied[2])
@@ -847,7 +852,7 @@ def test_onnx_students_match_the_torch_ones_and_carry_what_predict_needs(lvm, de
     onnx_float, onnx_int8 = (lvm.OnnxStudent(results / name) for name in ("lightweight_vlm.onnx", "lightweight_vlm_int8.onnx"))
     for key in ("labels", "vocab", "image_size", "max_tokens", "tokenizer_files"):
         assert onnx_int8.meta[key] == meta[key], key
-    assert onnx_int8.meta["normalization"] == [list(lvm.NORM_MEAN), list(lvm.NORM_STD)] and onnx_int8.meta["quantized"]
+    assert onnx_int8.meta["normalization"] == [0.5, 0.5] and onnx_int8.meta["quantized"]  # to EfficientNet-Lite0's [-1, 1]
     cpu = torch.device("cpu")
     for split in ("dev", "test"):  # batch and text length are free: predict feeds batches of 64 and all 128 tokens
         data = demo_dev_data(lvm, workdir, meta, split)
