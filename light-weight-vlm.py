@@ -7,19 +7,17 @@ Run every stage on built-in synthetic data (no download, about 45 s on 2 CPU cor
     python light-weight-vlm.py --demo
 Run on MedPix 2.0 (layout: DATA_ROOT/images/*.png, DATA_ROOT/splitted_dataset/*.jsonl):
     python light-weight-vlm.py --DATA_ROOT ../shared/medpix/MedPix-2-0
-Classify images with a saved student (.onnx in ONNX Runtime, .pt or .pth in PyTorch), one JSON line each:
-    python light-weight-vlm.py predict --model results/lightweight_vlm_int8.onnx --image a.png b.png --text "..."
-  images, DICOM files, folders or globs; a table instead; occlusion heat maps of what decided:
-    python light-weight-vlm.py predict --image export/ "more/**/*.dcm" --output rows.csv --explain maps/
+Classify images, DICOM files, folders or globs with the saved int8 student, in ONNX Runtime without PyTorch:
+    python predict.py --model results/lightweight_vlm_int8.onnx --image a.png export/ --text "..."
 On several GPUs (or CPU processes), one process each, with torchrun; --nnodes for several machines:
     torchrun --standalone --nproc_per_node 8 light-weight-vlm.py --DATA_ROOT ...
 Any constant in the CONFIG block can be overridden on the command line by its own name:
     python light-weight-vlm.py --EPOCHS 3 --VISION_TEACHER None --TEXT_TEACHER path/to/bert
-Stages: data -> teacher features (cached) -> teacher heads -> distillation -> pruning and
-int8 quantization (torch.ao and ONNX Runtime) -> evaluation -> calibration (a temperature per task, fitted on dev,
-saved in each model file) -> CPU speed -> pictures and report.
+Stages: data -> teacher features (cached) -> teacher heads -> distillation -> pruning and static int8
+quantization (ONNX Runtime) -> evaluation -> calibration (a temperature per task, fitted on dev, saved in each
+model file) -> CPU speed -> pictures and report.
 Outputs: logs/teacher.csv, logs/training_log.csv, logs/confusion_*_epoch_<n>.csv, logs/pruning.csv,
-results/lightweight_vlm.{pth,onnx}, results/lightweight_vlm_int8.{pt,onnx}, results/checkpoint.pt,
+results/lightweight_vlm.{pth,onnx}, results/lightweight_vlm_int8.onnx, results/checkpoint.pt,
 results/metrics.json, results/learning_curves.png, results/confusion_{modality,location}.png, results/calibration.png,
 results/report.md.
 Every model file carries its labels and tokenizer, and opening one never runs code from it.
@@ -32,10 +30,8 @@ import copy
 import csv
 import dataclasses
 import datetime
-import glob
 import gzip
 import hashlib
-import itertools
 import json
 import math
 import os
@@ -49,7 +45,6 @@ import threading
 import time
 import warnings
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext, redirect_stdout
 from pathlib import Path
 from typing import Callable
@@ -59,15 +54,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFilter, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFilter
 from sklearn.decomposition import PCA
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import prune
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
-from torchvision.transforms import v2
 from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import predict as deployment  # noqa: E402  predict.py beside this file: its image decoding, tokens and ONNX session
 
 # -----------------------------------------------------------------------------
 # CONFIG: every constant can be overridden on the command line, e.g. --EPOCHS 3
@@ -130,7 +127,7 @@ EMA_DECAY = 0.99  # dev evaluation and the saved model use this moving average o
 PRUNE_AMOUNT = 0.3  # fraction of the trained conv and linear weights zeroed by global L1 magnitude
 PRUNE_FINETUNE_EPOCHS = 2  # recovery fine-tune with the masks applied; dev picks the epoch (or none)
 PRUNE_LR = 2e-4
-CALIBRATION_IMAGES = 256  # train images whose activations set the int8 ranges of the convolutions
+CALIBRATION_IMAGES = 256  # train images whose activations (with and without their text) set the int8 ranges
 SPEED_REPEATS = 30  # timed batch-1 runs per model in the CPU speed check (1 thread; batch 32: a tenth of them)
 # system
 DEVICE = "auto"  # auto: cuda when available, else cpu; or cpu, cuda, cuda:N
@@ -187,7 +184,7 @@ def setting_parser(key: str) -> Callable[[str], object]:
 def parse_config(argv: list[str]) -> argparse.Namespace:
     """Defaults from the CONFIG block, then --demo's, then the command line's."""
     parser = argparse.ArgumentParser(prog="light-weight-vlm.py", description=__doc__.split("\n\n")[0],
-                                     usage="%(prog)s [--demo] [--resume] [--NAME VALUE ...] | predict ...",
+                                     usage="%(prog)s [--demo] [--resume] [--NAME VALUE ...]",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--demo", action="store_true", help="synthetic data and tiny teachers, no download")
     parser.add_argument("--resume", action="store_true",
@@ -281,9 +278,9 @@ def start_processes(cfg) -> tuple[torch.device, int]:
         from transformers.utils import logging
         logging.disable_progress_bar()  # its own bars, when it loads a model
     if cfg.BATCH_SIZE < 16 and dist.get_rank() == 0:
-        print(f"warning: BATCH_SIZE {cfg.BATCH_SIZE} per process: BatchNorm normalises over each process's {cfg.BATCH_SIZE} "
-              f"images alone, too few for steady statistics (16 or more); prefer fewer processes or a larger BATCH_SIZE",
-              file=sys.stderr)
+        print(f"warning: BATCH_SIZE {cfg.BATCH_SIZE} per process: BatchNorm normalises over each process's "
+              f"{cfg.BATCH_SIZE} images alone, too few for steady statistics (16 or more); prefer fewer processes or a "
+              f"larger BATCH_SIZE", file=sys.stderr)
     return device, dist.get_rank()
 
 
@@ -561,28 +558,13 @@ def cached(path: Path, keys: list[str], compute: Callable[[list[str]], dict[str,
     return store
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit or float grayscale: stretch to 8 bit
-        a = np.asarray(image, dtype=np.float32)
-        image = Image.fromarray(((a - a.min()) / max(float(a.max() - a.min()), 1e-6) * 255).astype(np.uint8))
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        image = Image.alpha_composite(Image.new("RGBA", image.size, (0, 0, 0, 255)), image.convert("RGBA"))
-    return image.convert("RGB")
-
-
-IMAGE_ERRORS = (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning)
+IMAGE_ERRORS = deployment.IMAGE_ERRORS
 
 
 def decode_image(path: str, size: int) -> torch.Tensor:
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)  # a huge image is refused, not decoded
-        with Image.open(path) as image:
-            rgb = to_rgb(image)
-    return resize_square(v2.functional.pil_to_tensor(rgb), size)
-
-
-def resize_square(image: torch.Tensor, size: int) -> torch.Tensor:
-    return v2.functional.resize(image, [size, size], antialias=True)
+    """predict.py's decoding (RGB, size x size by Pillow's bilinear filter), as a 3 x size x size uint8 tensor: what
+    the deployed student reads is what it was trained on, to the pixel."""
+    return torch.from_numpy(deployment.decode_image(path, size)).permute(2, 0, 1).contiguous()
 
 
 def load_images(samples: list[dict], size: int, cache_dir: Path, skipped: Counter) -> dict[str, torch.Tensor]:
@@ -595,7 +577,7 @@ def load_images(samples: list[dict], size: int, cache_dir: Path, skipped: Counte
             s["image_key"] = None
             warn_skip(skipped, "image unreadable", f"{s['image']}: {e.strerror or e}")
     paths = {s["image_key"]: s["image"] for s in samples if s["image_key"]}
-    store = cached(cache_dir / f"images-{settings_key(size=size, resize='antialias-v1')}.pt", list(paths),
+    store = cached(cache_dir / f"images-{settings_key(size=size, resize='pillow-bilinear-v1')}.pt", list(paths),
                    lambda keys: decode_all({k: paths[k] for k in keys}, size, skipped))
     for s in samples:
         if s["image_key"] not in store:
@@ -820,7 +802,7 @@ def efficientnet(stages: int, image_size: int, weights: str | None = None, head:
     """The stem and first stages of EfficientNet-Lite0 (with head: all 7 and the 1280-channel head convolution), built
     by timm, with the weights of the state dict file at weights (else random). As plain layers at this image size: timm pads 'SAME' at run time (Conv2dSame) and keeps
     each BatchNorm's activation inside it (BatchNormAct2d); each becomes the ZeroPad2d + Conv2d and BatchNorm2d +
-    activation it computes at this size, which torch.ao's quantization and the ONNX export take as they are."""
+    activation it computes at this size, which the ONNX export and its int8 quantizer take as they are."""
     import timm
     from timm.layers import BatchNormAct2d, Conv2dSame
     from timm.layers.padding import pad_same_arg
@@ -840,7 +822,7 @@ def efficientnet(stages: int, image_size: int, weights: str | None = None, head:
             layer = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, 0, m.dilation, m.groups,
                               bias=m.bias is not None)
             plain = nn.Sequential(nn.ZeroPad2d(pad_same_arg(sizes[m], m.kernel_size, m.stride, m.dilation)), layer)
-        elif isinstance(m, BatchNormAct2d):  # ReLU6 as ReLU then a clip at 6, which int8 fuses (quantize_int8)
+        elif isinstance(m, BatchNormAct2d):  # ReLU6 as ReLU then a clip at 6, which int8 fuses
             layer = nn.BatchNorm2d(m.num_features, m.eps, m.momentum)
             act = (nn.ReLU(), nn.Hardtanh(0.0, 6.0)) if isinstance(m.act, nn.ReLU6) else (m.act,)
             plain = nn.Sequential(layer, *act)
@@ -1019,52 +1001,22 @@ def tokenize(tokenizer, texts: list[str], max_tokens: int, vocab: list[int]) -> 
     return lookup[ids], mask
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
-
-
-def pack_tokenizer(tokenizer, texts: list[str]) -> bytes:
-    """The student's tokenizer as gzip'ed JSON of its files, carried in every model file so that the file reads
-    text on its own. A BERT word-piece tokenizer goes as vocab.txt and its settings (113 kB for DistilBERT's
-    30,522 pieces, where its tokenizer.json would take 208 kB); any other as what save_pretrained writes. The
-    first form that unpacks to the same vocabulary and the same ids for texts is kept."""
-    with tempfile.TemporaryDirectory() as folder:
-        tokenizer.save_pretrained(folder)
-        files = {p.name: p.read_text(encoding="utf-8") for p in Path(folder).iterdir() if p.name in TOKENIZER_FILES}
-    vocab = tokenizer.get_vocab()
-    numbered = sorted(vocab.values()) == list(range(len(vocab)))  # vocab.txt can only number its pieces 0, 1, ...
-    word_pieces = {"tokenizer_config.json": files.get("tokenizer_config.json", "{}"),
-                   "vocab.txt": "".join(f"{piece}\n" for piece in sorted(vocab, key=vocab.get))}
-    forms = [word_pieces, files] if numbered else [files]
-    for form in forms:
-        packed = gzip.compress(json.dumps(form, sort_keys=True).encode(), 9, mtime=0)
-        try:
-            again = unpack_tokenizer(packed)
-        except Exception:  # this form does not load (e.g. no slow tokenizer class for a vocab.txt)
-            continue
-        if again.get_vocab() == vocab and again(texts)["input_ids"] == tokenizer(texts)["input_ids"]:
-            return packed
-    fail(f"the tokenizer {tokenizer.name_or_path!r} cannot be packed into the model files (its saved files do not "
-         f"load back alike: only {', '.join(TOKENIZER_FILES)} are kept); use a tokenizer with a tokenizer.json")
-
-
-def unpack_tokenizer(packed: bytes):
-    """The tokenizer that pack_tokenizer packed. Only tokenizer files are written, into a temporary folder; the
-    settings lose any entry that names code to run or a file to read (auto_map, *_file), and no code is loaded
-    (trust_remote_code=False)."""
-    from transformers import AutoTokenizer
-    files = json.loads(gzip.decompress(packed))
-    if not isinstance(files, dict) or not set(files) <= set(TOKENIZER_FILES):
-        raise ValueError(f"unexpected tokenizer files {sorted(files)[:5]}")
-    if "tokenizer_config.json" in files:
-        settings = json.loads(files["tokenizer_config.json"])
-        files["tokenizer_config.json"] = json.dumps({k: v for k, v in settings.items()
-                                                     if k != "auto_map" and not k.endswith("_file")})
-    with tempfile.TemporaryDirectory() as folder:
-        for name, text in files.items():
-            (Path(folder) / name).write_text(text, encoding="utf-8")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+def pack_tokenizer(tokenizer, texts: list[str], max_tokens: int, vocab: list[int]) -> bytes:
+    """The student's tokenizer as the gzip'ed JSON of its `tokenizers` backend (no truncation or padding of its own),
+    carried in every model file so that the file reads text on its own, in predict.py without transformers. Kept
+    only when predict.py's encoding of texts gives exactly the token indexes that training gives."""
+    from tokenizers import Tokenizer
+    if not getattr(tokenizer, "is_fast", False):
+        fail(f"the tokenizer {tokenizer.name_or_path!r} has no fast (tokenizers) version, which predict.py reads")
+    settings = json.loads(tokenizer.backend_tokenizer.to_str()) | dict(truncation=None, padding=None)
+    packed = gzip.compress(json.dumps(settings, ensure_ascii=False).encode(), 9, mtime=0)
+    unk, pad = vocab.index(tokenizer.unk_token_id), vocab.index(pad_token_id(tokenizer))
+    ids, mask = deployment.encode_texts(Tokenizer.from_str(gzip.decompress(packed).decode()), texts, max_tokens, vocab,
+                                        unk, pad)
+    if not all(torch.equal(torch.from_numpy(a), b) for a, b in zip((ids, mask), tokenize(tokenizer, texts, max_tokens,
+                                                                                         vocab))):
+        fail(f"the tokenizer {tokenizer.name_or_path!r} does not encode alike through the tokenizers library alone")
+    return packed
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
@@ -1206,7 +1158,6 @@ def train_epoch(model: nn.Module, data: Split, optimizer, scheduler, scaler, cfg
     ahead."""
     distributed = isinstance(model, DistributedDataParallel)
     rank, world = rank_and_world() if distributed else (0, 1)
-    student = (model.module if distributed else model).student
     model.train()
     plan = epoch_plan(data, cfg.BATCH_SIZE, cfg.TEXT_DROPOUT, generator, rank, world)
     order, keep_text, draws = (to_device(plan[k], device) for k in ("order", "keep_text", "draws"))
@@ -1532,102 +1483,31 @@ def sparsity(model: nn.Module) -> float:
     return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
 
 
-@contextmanager
-def quiet_quantization():
-    """torch.ao.quantization is deprecated, and warns so on every call, but it is the one PyTorch API that
-    runs int8 convolutions and LSTMs on the CPU without torch.compile (torchao covers neither in eager
-    mode); a model built without calibration (to be filled by load_state_dict) warns too."""
-    with warnings.catch_warnings():
-        for message in (".*torch.ao.quantization is deprecated.*", ".*quantize_per_tensor.*", ".*TypedStorage.*",
-                        ".*must run observer before calling calculate_qparams.*", ".*reduce_range will be deprecated.*"):
-            warnings.filterwarnings("ignore", message=message)
-        yield
-
-
-def quantize_int8(model: nn.Module, calibration: torch.Tensor | None) -> nn.Module:
-    """An int8 copy of the student: the image encoder static int8 through torch.ao's FX graph mode (convolutions
-    fused with their BatchNorm and ReLU, residual additions and pooling in int8 too), with activation ranges observed on
-    the calibration images (uint8, N x 3 x H x W); dynamic int8 for Linear and LSTM (activations quantized on the
-    fly); int8 rows for the embedding. With calibration None, the structure only, for load_state_dict to fill."""
-    from torch.ao import quantization as tq
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
-    with quiet_quantization():
-        model = copy.deepcopy(model).cpu().eval()
-        example = torch.zeros(1, 3, model.image_size, model.image_size)
-        model.cnn = prepare_fx(model.cnn, image_encoder_qconfig(model.cnn), (example,))
-        if calibration is not None:
-            with torch.no_grad():
-                for batch in calibration.split(64):
-                    model.cnn(normalize(batch))
-        model.cnn = convert_fx(model.cnn)
-        dynamic = {nn.Linear: tq.default_dynamic_qconfig, nn.LSTM: tq.default_dynamic_qconfig,
-                   nn.Embedding: tq.float_qparams_weight_only_qconfig}
-        return tq.quantize_dynamic(model, dynamic)
-
-
-class ClippedAtSixObserver(torch.ao.quantization.HistogramObserver):
-    """Observes a layer's output as the clip at 6 that follows it leaves it (ReLU6 = ReLU, then Hardtanh(0, 6)): the
-    int8 output then saturates where the clip would, and spends its 256 steps on [0, 6], not on the hundreds that a
-    pre-activation can reach."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        super().forward(x.detach().clamp(max=6.0))
-        return x
-
-
-def image_encoder_qconfig(cnn: nn.Module):
-    """torch.ao's int8 settings for the image encoder: per-channel int8 weights, and activations observed by histogram
-    over the full 8 bits (the x86 default's 7 bits cost EfficientNet's thin projections too much); each convolution,
-    BatchNorm and ReLU that a clip at 6 follows observed as ClippedAtSixObserver does."""
-    from torch.ao import quantization as tq
-    weight = tq.default_per_channel_weight_observer
-    mapping = tq.QConfigMapping().set_global(tq.QConfig(tq.HistogramObserver.with_args(reduce_range=False), weight))
-    clipped = tq.QConfig(ClippedAtSixObserver.with_args(reduce_range=False), weight)
-    modules = dict(cnn.named_modules())
-    for node in torch.fx.symbolic_trace(cnn).graph.nodes:
-        if node.op == "call_module" and isinstance(modules[node.target], nn.Hardtanh):
-            relu = node.args[0]
-            bn = relu.args[0]
-            for layer in (bn.args[0], bn, relu):  # conv -> BN -> ReLU, which int8 fuses into one layer
-                mapping.set_module_name(layer.target, clipped)
-    return mapping
-
-
-def int8_contents(int8: nn.Module) -> dict:
-    """The int8 student's state in tensors alone, which torch.load(weights_only=True) reads without unpickling
-    code: torch.ao keeps its int8 LSTM in objects that only a full unpickling restores, so the LSTM's int8
-    weights and float biases are saved apart, as tensors, and packed again at load (set_weight_bias)."""
-    state = int8.state_dict()
-    for key in [k for k in state if k.startswith("lstm.")]:
-        del state[key]
-    lstm = int8.lstm._weight_bias()
-    return dict(state_dict=state, lstm={**lstm["weight"], **{k: b.detach() for k, b in lstm["bias"].items()}})
-
-
 def load_student(path: str | Path) -> tuple[nn.Module, dict]:
-    """Rebuild a float (.pth) or int8 (.pt) student from its file alone. The file is read with
-    weights_only=True: tensors and plain values only, so opening it never runs code from it."""
-    with quiet_quantization():
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        model = Student(**checkpoint["student"])
-        state = checkpoint["state_dict"]
-        if checkpoint["quantized"]:
-            model = quantize_int8(model, calibration=None)
-            model.lstm.set_weight_bias(checkpoint["lstm"])
-            state.update((k, v) for k, v in model.state_dict().items() if k.startswith("lstm."))  # the packed LSTM
-        model.load_state_dict(state)
+    """Rebuild a float student from its .pth file alone. The file is read with weights_only=True: tensors and plain
+    values only, so opening it never runs code from it."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    model = Student(**checkpoint["student"])
+    model.load_state_dict(checkpoint["state_dict"])
     return model.eval(), checkpoint
 
 
-ONNX_INPUTS = ("images", "ids", "mask")  # normalised N x 3 x S x S floats, N x T token ids, N x T attention mask
+ONNX_INPUTS = ("images", "ids", "mask")  # normalised N x 3 x S x S floats, N x T token indexes, N x T attention mask
+INPUT_CONTRACT = (
+    "images: float32 N x 3 x S x S, S = image.size: the file decoded to RGB (transparency composited over black; 16-bit "
+    "or float grey stretched from its min..max to 0..255), resized to S x S by Pillow's Image.resize with BILINEAR "
+    "(antialiased when shrinking; the aspect is not kept), then pixel / 255, then (x - mean) / std with "
+    "image.normalization. ids, mask: int64 N x T, T <= text.max_tokens: the text encoded by the tokenizers library "
+    "from tokenizer_json (gzip, base64) without special tokens, truncated to text.max_tokens; each token id t as "
+    "text.vocab.index(t), or text.unk_index when absent; padding text.pad_index with mask 0. No text: ids and mask "
+    "N x 1 zeros. Outputs: logits per task (labels); divide by temperature[task], then softmax.")
 
 
 def export_onnx(model: nn.Module, path: Path, meta: dict, calibration: Split | None = None) -> None:
-    """The student as ONNX, batch and text length free, with everything predict needs in its metadata (labels,
-    vocabulary, packed tokenizer, image size, normalisation), so that the file runs on its own in ONNX Runtime.
-    With calibration samples: int8 by ONNX Runtime's own quantizer (quantize_onnx). The exporter is the
-    TorchScript one: it turns the packed bidirectional LSTM into one ONNX LSTM with sequence lengths, which the
-    dynamo exporter cannot trace."""
+    """The student as ONNX, batch and text length free, with its input contract (INPUT_CONTRACT), labels, vocabulary
+    and tokenizer in its metadata, so that predict.py runs the file on its own in ONNX Runtime. With calibration
+    samples: int8 by ONNX Runtime's own quantizer (quantize_onnx). The exporter is the TorchScript one: it turns the
+    packed bidirectional LSTM into one ONNX LSTM with sequence lengths, which the dynamo exporter cannot trace."""
     import onnx
     size = meta["image_size"]
     example = (torch.zeros(2, 3, size, size), torch.zeros(2, 8, dtype=torch.long), torch.ones(2, 8, dtype=torch.long))
@@ -1640,11 +1520,14 @@ def export_onnx(model: nn.Module, path: Path, meta: dict, calibration: Split | N
                           input_names=list(ONNX_INPUTS), output_names=list(TASKS), dynamic_axes=free)
         proto = onnx.load(str(quantize_onnx(exported, calibration) if calibration is not None else exported))
     entry = proto.metadata_props.add()
-    entry.key = "light_weight_vlm"
-    entry.value = json.dumps({key: meta[key] for key in ("student", "labels", "tokenizer", "vocab", "data", "max_tokens",
-                                                         "image_size", "normalization")} |
-                             dict(quantized=calibration is not None,
-                                  tokenizer_files=base64.b64encode(meta["tokenizer_files"]).decode()))
+    entry.key = deployment.METADATA_KEY
+    entry.value = json.dumps(dict(
+        contract=INPUT_CONTRACT, labels=meta["labels"], quantized=calibration is not None,
+        image=dict(size=size, normalization=[NORM_MEAN, NORM_STD]),
+        text=dict(max_tokens=meta["max_tokens"], vocab=meta["vocab"], unk_index=meta["unk_index"],
+                  pad_index=meta["student"]["pad_id"]),
+        tokenizer_json=base64.b64encode(meta["tokenizer_json"]).decode(),
+        student=meta["student"], tokenizer=meta["tokenizer"], data=meta["data"]))
     atomic_write(path, lambda tmp: tmp.write_bytes(proto.SerializeToString()))
 
 
@@ -1665,59 +1548,52 @@ def stderr_dropped():
             os.close(saved)
 
 
+QUANTIZED_OPS = ["Conv", "Clip", "Relu", "Add", "GlobalAveragePool", "Gemm", "MatMul", "Gather"]  # all but the LSTM
+
+
 def quantize_onnx(source: Path, calibration: Split) -> Path:
-    """ONNX Runtime's int8 of the float model at source: static for the convolutions (QLinearConv, per-channel
-    weights, activation ranges observed on the calibration samples), dynamic for the LSTM, the linear layers
-    and the embedding (weights int8, activations quantized on the fly). Written beside source."""
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic,
-                                          quantize_static)
+    """ONNX Runtime's static int8 of the float model at source: weights int8 (per channel for the convolutions), every
+    activation range fixed from the calibration samples, read once with their text and once without, so that an
+    answer depends on its own image and text alone, never on the rest of the batch (dynamic quantization would
+    scale each call's activations by the batch's range). The LSTM stays float: ONNX Runtime quantizes it only
+    dynamically. Written beside source."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Feeds(CalibrationDataReader):
         def __init__(self):
-            self.batches = (dict(zip(ONNX_INPUTS, (normalize(calibration.images[i]).numpy(),
-                                                   calibration.ids[i].numpy(), calibration.mask[i].numpy())))
-                            for i in torch.arange(len(calibration.images)).split(64))
+            rows = torch.arange(len(calibration.images)).split(64)
+            self.batches = (dict(zip(ONNX_INPUTS, (normalize(calibration.images[i]).numpy(), calibration.ids[i].numpy(),
+                                                   calibration.mask[i].numpy() * keep)))
+                            for keep in (1, 0) for i in rows)
 
         def get_next(self):
             return next(self.batches, None)
 
-    prepared, convs, int8 = (source.with_name(name) for name in ("prepared.onnx", "convs.onnx", "int8.onnx"))
+    prepared, int8 = source.with_name("prepared.onnx"), source.with_name("int8.onnx")
     quant_pre_process(str(source), str(prepared))
-    quantize_static(str(prepared), str(convs), Feeds(), op_types_to_quantize=["Conv", "Clip", "Relu"], per_channel=True,
+    quantize_static(str(prepared), str(int8), Feeds(), op_types_to_quantize=QUANTIZED_OPS, per_channel=True,
                     quant_format=QuantFormat.QOperator, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    quantize_dynamic(str(convs), str(int8), op_types_to_quantize=["LSTM", "MatMul", "Gemm", "Gather"],
-                     weight_type=QuantType.QInt8)
     return int8
 
 
 class OnnxStudent(nn.Module):
-    """A student .onnx file in an ONNX Runtime session that answers like Student.forward (normalised images,
-    ids, mask -> logits per task), so that predict and the evaluation take it as they take the torch students.
-    Opening it parses a protobuf: no code runs. threads: ONNX Runtime's intra-op threads (0: its default)."""
+    """A student .onnx file in the ONNX Runtime session that predict.py opens (no code in the file runs), answering
+    like Student.forward (normalised images, ids, mask -> logits per task), so that the evaluation takes it as it
+    takes the torch student. threads: ONNX Runtime's intra-op threads (0: its default)."""
 
     def __init__(self, path: str | Path, threads: int = 0):
         super().__init__()
-        import onnx
-        import onnxruntime
-        proto = onnx.load(str(path), load_external_data=False)
-        if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
-            raise ValueError("it refers to data in other files")  # which could be anywhere on this machine
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads
-        self.session = onnxruntime.InferenceSession(proto.SerializeToString(), options,
-                                                    providers=["CPUExecutionProvider"])
-        meta = json.loads(self.session.get_modelmeta().custom_metadata_map["light_weight_vlm"])
-        self.meta = meta | dict(tokenizer_files=base64.b64decode(meta["tokenizer_files"]))
+        self.session, self.meta = deployment.open_model(str(path), threads)
 
     def forward(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        inputs = (images.detach().cpu().float(), ids.detach().cpu().long(), mask.detach().cpu().long())
-        feeds = dict(zip(ONNX_INPUTS, (x.numpy() for x in inputs)))
-        return tuple(torch.from_numpy(out) for out in self.session.run(None, feeds))
+        feeds = dict(zip(ONNX_INPUTS, (images.detach().cpu().float().numpy(), ids.detach().cpu().long().numpy(),
+                                       mask.detach().cpu().long().numpy())))
+        return tuple(torch.from_numpy(out) for out in self.session.run(list(TASKS), feeds))
 
 
 def open_student(path: str | Path) -> tuple[nn.Module, dict]:
-    """Any student file: .onnx through ONNX Runtime, the .pth and .pt through torch (weights_only)."""
+    """Any student file: .onnx through ONNX Runtime, the .pth through torch (weights_only)."""
     if Path(path).suffix == ".onnx":
         model = OnnxStudent(path)
         return model, model.meta
@@ -1761,7 +1637,7 @@ def compress(student: nn.Module, data: dict[str, Split], cfg, meta: dict, device
     """Global L1 pruning and a short recovery fine-tune, with dev choosing the epoch (0: none); then
     permanent masks and int8, calibrated on train images. Logs each stage's dev accuracy to
     logs/pruning.csv; returns that report, the dev predictions before pruning and of the chosen
-    pruned model, and the paths of the two int8 files, torch.ao's .pt and ONNX Runtime's .onnx."""
+    pruned model, and the path of the int8 ONNX file."""
     rows = []
 
     def check(stage: str, epoch: int) -> dict:
@@ -1789,14 +1665,12 @@ def compress(student: nn.Module, data: dict[str, Split], cfg, meta: dict, device
     train = data["train"]
     pick = torch.randperm(len(train.images), generator=generator)[:cfg.CALIBRATION_IMAGES].to(train.images.device)
     calibration = Split(train.images[pick].cpu(), train.ids[pick].cpu(), train.mask[pick].cpu())
-    path, onnx_path = Path(cfg.RESULTS_DIR) / "lightweight_vlm_int8.pt", Path(cfg.RESULTS_DIR) / "lightweight_vlm_int8.onnx"
-    int8 = quantize_int8(student, calibration.images)  # alive until saved: its unpacked embedding shares its memory
-    save_torch(path, {**meta, "quantized": True, **int8_contents(int8)})
+    onnx_path = Path(cfg.RESULTS_DIR) / "lightweight_vlm_int8.onnx"
     export_onnx(student, onnx_path, meta, calibration)
     accuracies = lambda result: {c: result[c] for c in PRUNING_COLUMNS[2:]}
     report = dict(amount=cfg.PRUNE_AMOUNT, sparsity=round(sparsity(student), 4), before=accuracies(before),
                   after_pruning=accuracies(pruned), after_recovery=accuracies(best), recovery_epoch=best["epoch"])
-    return dict(report=report, path=path, onnx_path=onnx_path,
+    return dict(report=report, onnx_path=onnx_path,
                 predicted=dict(float=before["predicted"], pruned_float=best["predicted"]))
 
 
@@ -1855,7 +1729,7 @@ def save_temperature(path: Path, temperature: dict[str, float]) -> None:
     if path.suffix == ".onnx":
         import onnx
         proto = onnx.load(str(path))
-        entry = next(e for e in proto.metadata_props if e.key == "light_weight_vlm")
+        entry = next(e for e in proto.metadata_props if e.key == deployment.METADATA_KEY)
         entry.value = json.dumps(json.loads(entry.value) | dict(temperature=temperature))
         atomic_write(path, lambda tmp: tmp.write_bytes(proto.SerializeToString()))
     else:
@@ -1881,27 +1755,26 @@ RESULT_COLUMNS = [f"{task}_{k}" for task in TASKS for k in ("acc", "f1")]
 
 
 def result_rows(metrics: dict) -> list[tuple[str, str, dict]]:
-    """(model, split, values) for the teacher, the student and the two int8 students, image-only rows included."""
-    return [(name, split, row) for model in ("teacher", "student", "student_int8", "student_onnx_int8")
+    """(model, split, values) for the teacher, the student and the int8 student, image-only rows included."""
+    return [(name, split, row) for model in ("teacher", "student", "student_onnx_int8")
             for split, values in metrics[model].items()
             for name, row in ((model, values), (f"{model} (image only)", values.get("image_only"))) if row]
 
 
 def compression_lines(metrics: dict) -> list[str]:
-    """Sizes, what pruning cost on dev, how often each int8 student agrees with its float versions, and speed."""
+    """Sizes, what pruning cost on dev, how often the int8 student agrees with its float versions, and speed."""
     pruning, speed = metrics["pruning"], metrics["speed"]
     accuracies = lambda stage: " / ".join(f"{pruning[stage][f'{task}_acc']:.3f}" for task in TASKS)
     timing = lambda key, unit: ", ".join(f"{name.replace('_', ' ')} {values[key]:,} {unit}" for name, values in speed.items())
     return [f"parameters: teacher {metrics['teacher_params']:,}, student {metrics['student_params']:,} | files: "
-            f"float {metrics['student_file_bytes']:,} B, int8 {metrics['student_int8_file_bytes']:,} B, ONNX float "
-            f"{metrics['student_onnx_file_bytes']:,} B, ONNX int8 {metrics['student_onnx_int8_file_bytes']:,} B",
+            f"float {metrics['student_file_bytes']:,} B, ONNX float {metrics['student_onnx_file_bytes']:,} B, ONNX int8 "
+            f"{metrics['student_onnx_int8_file_bytes']:,} B",
             f"pruning {pruning['amount']:.0%} (sparsity {pruning['sparsity']:.3f}), dev acc modality / location: "
             f"before {accuracies('before')}, pruned {accuracies('after_pruning')}, after recovery "
-            f"{accuracies('after_recovery')} (epoch {pruning['recovery_epoch']})"] + [
-            f"{model} student, same dev label as " + ", ".join(
+            f"{accuracies('after_recovery')} (epoch {pruning['recovery_epoch']})",
+            "ONNX int8 student, same dev label as " + ", ".join(
                 f"the {reference.replace('_', ' ')} student: " + " / ".join(f"{v:.3f}" for v in values.values())
-                for reference, values in metrics[f"{key}_agreement"].items())
-            for key, model in (("int8", "int8"), ("onnx_int8", "ONNX int8"))] + [
+                for reference, values in metrics["onnx_int8_agreement"].items()),
             f"CPU, 1 thread, {metrics['max_tokens']}-token texts: batch 1 {timing('batch1_ms', 'ms')}; batch 32 "
             f"{timing('batch32_per_s', 'samples/s')}"]
 
@@ -2035,310 +1908,6 @@ def write_report(path: Path, argv: list[str], cfg, data: dict, names: dict, metr
               "## Confusion matrices of the best checkpoint", "", "![modality](confusion_modality.png)", "",
               "![location](confusion_location.png)", ""]
     atomic_write(path, lambda tmp: tmp.write_text("\n".join(lines)))
-
-
-# -----------------------------------------------------------------------------
-# predict: python light-weight-vlm.py predict --model FILE --image PATH [PATH ...] [--text TEXT] [--output FILE]
-# PATH: an image or DICOM file (told apart by content, whatever its name), a folder (searched recursively) or a glob
-
-
-def parse_window(text: str) -> tuple[float, float]:
-    try:
-        center, width = (float(value) for value in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected CENTER,WIDTH such as 40,400, got {text!r}")
-    if width <= 0:
-        raise argparse.ArgumentTypeError(f"the window width must be > 0, got {text!r}")
-    return center, width
-
-
-def parse_predict(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="light-weight-vlm.py predict",
-                                     description="Modality and location of each image or DICOM file, one JSON object "
-                                                 "per line (or one row each in --output).")
-    parser.add_argument("--model", default=f"{RESULTS_DIR}/lightweight_vlm_int8.onnx",
-                        help="a student file: the .onnx files run in ONNX Runtime, the int8 .pt and the float .pth in "
-                             "PyTorch (default: %(default)s)")
-    parser.add_argument("--image", nargs="+", action="extend", required=True, metavar="PATH",
-                        help="image (PNG, JPEG, ...) or DICOM files, folders (searched recursively for them; other "
-                             "files are counted and ignored) or glob patterns")
-    parser.add_argument("--text", action="append", default=[],
-                        help="caption (and history); once for every image, or once per --image PATH (a folder's "
-                             "images share its text); none: image only")
-    parser.add_argument("--tokenizer", help="hub id or folder of a tokenizer to use instead of the one in the model file")
-    parser.add_argument("--window", type=parse_window, metavar="CENTER,WIDTH",
-                        help="DICOM: show the pixels through this window (e.g. 40,400 soft tissue, -600,1500 lung) "
-                             "instead of the file's own")
-    parser.add_argument("--frames", choices=("middle", "all"), default="middle",
-                        help="multi-frame DICOM: the middle frame, or one result per frame (default: %(default)s)")
-    parser.add_argument("--output", type=Path, metavar="FILE.csv|FILE.jsonl",
-                        help="write one row per image there instead of printing JSON lines")
-    parser.add_argument("--explain", type=Path, metavar="DIR",
-                        help="write per image a PNG there: what the model saw, and where greying a patch lowers the "
-                             "probability of the predicted modality and location")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per model call (default: %(default)s)")
-    args = parser.parse_args(argv)
-    if len(args.text) not in (0, 1, len(args.image)):
-        parser.error(f"give --text once, or once per --image ({len(args.image)} paths, {len(args.text)} texts)")
-    if args.output and args.output.suffix not in (".csv", ".jsonl"):
-        parser.error(f"--output must end in .csv or .jsonl, got {args.output}")
-    if args.batch_size < 1:
-        parser.error("--batch-size must be >= 1")
-    return args
-
-
-def find_inputs(patterns: list[str]) -> list[tuple[str, int, bool]]:
-    """(path, which --image PATH it came from, whether it was named itself) per file, folders and globs expanded in
-    sorted order. A file found in a folder or by a glob that is neither an image nor DICOM is ignored; a named one
-    is an error."""
-    def files(path: Path) -> list[Path]:
-        return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-
-    found = []
-    for i, pattern in enumerate(patterns):
-        if glob.has_magic(pattern) and not Path(pattern).exists():
-            found += [(str(p), i, False) for match in sorted(glob.glob(pattern, recursive=True)) for p in files(Path(match))]
-        else:
-            found += [(str(p), i, not Path(pattern).is_dir()) for p in files(Path(pattern))]
-    return found
-
-
-def is_dicom(path: str) -> bool:
-    """DICOM Part 10: 'DICM' after a 128-byte preamble."""
-    with open(path, "rb") as f:
-        return f.read(132)[128:] == b"DICM"
-
-
-def read_dicom(path: str, size: int, window: tuple[float, float] | None, frames: str) -> list[dict]:
-    """Each asked frame of a DICOM file as the student's uint8 input, shown as a viewer would: pixel values through
-    the modality LUT (rescale), then the window (--window, else the file's VOI LUT or first window, else the 0.5-99.5
-    percentiles) to 8 bits, MONOCHROME1 inverted, colour as RGB. The header's Modality and BodyPartExamined are
-    returned for the report only: they are never model input."""
-    import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
-    ds = pydicom.dcmread(path)
-    if not any(key in ds for key in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        kind = ds.SOPClassUID.name if "SOPClassUID" in ds else "no image"
-        raise ValueError(f"no pixel data ({kind})")
-    if window:
-        ds.WindowCenter, ds.WindowWidth = window
-        ds.pop("VOILUTSequence", None)
-    count = int(ds.get("NumberOfFrames") or 1)
-    fields = dict(dicom_modality=ds.get("Modality") or None, dicom_body_part=ds.get("BodyPartExamined") or None)
-    out = []
-    for frame in range(count) if frames == "all" else [count // 2]:
-        pixels = pixel_array(ds, index=frame if count > 1 else None)  # colour comes as RGB, YBR converted
-        if ds.get("SamplesPerPixel", 1) > 1:
-            shown = pixels.astype(np.float64) / (2 ** ds.BitsStored - 1)
-        else:
-            values = apply_modality_lut(pixels, ds).astype(np.float64)
-            if "WindowCenter" in ds or "VOILUTSequence" in ds:  # the window's output range: its value at the ends
-                low, high = apply_voi_lut(np.array([-1e30, 1e30]), ds, index=0)
-                values = apply_voi_lut(values, ds, index=0)
-            else:
-                low, high = np.percentile(values, (0.5, 99.5))
-            shown = (values - low) / max(high - low, 1e-6)
-            shown = 1 - shown if ds.get("PhotometricInterpretation") == "MONOCHROME1" else shown
-        rgb = np.broadcast_to(shown[..., None], (*shown.shape[:2], 3)) if shown.ndim == 2 else shown
-        image = torch.from_numpy(np.ascontiguousarray((rgb.clip(0, 1) * 255).round().astype(np.uint8)))
-        out.append(dict(frame=frame, image=resize_square(image.permute(2, 0, 1), size), **fields))
-    return out
-
-
-def read_file(path: str, named: bool, size: int, args: argparse.Namespace) -> list[dict] | str:
-    """The images of one file (one per asked DICOM frame), or why there are none: 'ignored' for an unnamed file
-    that is neither an image nor DICOM, else the reason to report."""
-    try:
-        if not is_dicom(path):
-            return [dict(frame=None, image=decode_image(path, size), dicom_modality=None, dicom_body_part=None)]
-        try:
-            return read_dicom(path, size, args.window, args.frames)
-        except Exception as e:  # pydicom and its plugins raise many kinds; whatever it is, the file is skipped
-            return " ".join(str(e).split())[:200] or type(e).__name__
-    except UnidentifiedImageError:
-        return "neither an image nor a DICOM file" if named else "ignored"
-    except IMAGE_ERRORS as e:
-        return str(getattr(e, "strerror", None) or e)
-
-
-def read_inputs(found: list[tuple[str, int, bool]], size: int, args: argparse.Namespace, counts: Counter):
-    """Yield dict(path, source, frame, image, DICOM fields) per image in input order, a batch of files decoded at a
-    time by two threads (decoding releases the GIL). A file that cannot be read is named on stderr with the reason
-    and counted in counts['failed']; an unnamed non-image file counts as ignored."""
-    files = iter(found)
-    with ThreadPoolExecutor(2) as pool:
-        while chunk := list(itertools.islice(files, args.batch_size)):
-            read = pool.map(lambda entry: read_file(entry[0], entry[2], size, args), chunk)
-            for (path, source, _), images in zip(chunk, read):
-                if images == "ignored":
-                    counts["ignored"] += 1
-                elif isinstance(images, str):
-                    counts["failed"] += 1
-                    tqdm.write(f"light-weight-vlm: skipped {path}: {images}", file=sys.stderr)
-                else:
-                    yield from (dict(path=path, source=source, **image) for image in images)
-
-
-def student_texts(args: argparse.Namespace, meta: dict) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
-    """Token ids and mask of the text of each --image PATH, and whether it has one."""
-    texts = args.text * len(args.image) if len(args.text) == 1 else args.text or [""] * len(args.image)
-    if not any(text.strip() for text in texts):  # the image alone decides: no tokenizer needed
-        return torch.zeros(len(texts), 1, dtype=torch.long), torch.zeros(len(texts), 1, dtype=torch.long), \
-            [False] * len(texts)
-    from transformers import AutoTokenizer
-    if args.tokenizer:
-        tokenizer = load_pretrained(AutoTokenizer, args.tokenizer, "--tokenizer",
-                                    "Give a local tokenizer folder, or leave --tokenizer out to use the model's.")
-    else:
-        try:
-            tokenizer = unpack_tokenizer(meta["tokenizer_files"])
-        except Exception as e:  # a damaged or crafted tokenizer in the file: refused, not run
-            fail(f"{args.model}: its tokenizer does not load ({type(e).__name__}); nothing in it was run")
-    return *tokenize(tokenizer, texts, meta["max_tokens"], meta["vocab"]), [bool(t.strip()) for t in texts]
-
-
-OCCLUSION_PATCH = 8  # --explain greys patches of 1/8 of the image side, moved by half a patch
-
-
-@torch.no_grad()
-def occlusion_maps(model: nn.Module, image: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, classes: list[int],
-                   temperatures: list[float], batch_size: int) -> list[np.ndarray]:
-    """Per task, how much the probability of classes[task] drops when a patch of the (normalised) image is set to 0,
-    the mean grey, averaged per pixel over the patches that cover it. Only the model's outputs are read, so any
-    model file works; every occluded copy is one more sample of a batched call."""
-    side = image.shape[-1]
-    patch = max(side // OCCLUSION_PATCH, 2)
-    corners = [(y, x) for y in range(0, side - patch + 1, patch // 2) for x in range(0, side - patch + 1, patch // 2)]
-    copies = image.repeat(len(corners) + 1, 1, 1, 1)
-    for k, (y, x) in enumerate(corners, 1):
-        copies[k, :, y:y + patch, x:x + patch] = 0
-    logits = [torch.cat(parts) for parts in zip(*(
-        model(chunk, ids.repeat(len(chunk), 1), mask.repeat(len(chunk), 1)) for chunk in copies.split(batch_size)))]
-    maps = []
-    for task_logits, c, temperature in zip(logits, classes, temperatures):
-        probability = (task_logits.float() / temperature).softmax(1)[:, c]
-        drop, covered = torch.zeros(side, side), torch.zeros(side, side)
-        for (y, x), d in zip(corners, probability[0] - probability[1:]):
-            drop[y:y + patch, x:x + patch] += d
-            covered[y:y + patch, x:x + patch] += 1
-        maps.append((drop / covered.clamp(min=1)).numpy())
-    return maps
-
-
-def plot_explanation(image: torch.Tensor, maps: list[np.ndarray], titles: list[str], heading: str, path: Path) -> None:
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(10, 3.6), layout="constrained")
-    shown = image.permute(1, 2, 0).numpy()
-    axes[0].imshow(shown)
-    axes[0].set_title("as the model saw it", fontsize=10)
-    limit = max(float(np.abs(np.stack(maps)).max()), 1e-3)
-    for ax, sensitivity, title in zip(axes[1:], maps, titles):
-        ax.imshow(shown.mean(2), cmap="gray")
-        drawn = ax.imshow(sensitivity, cmap="RdBu_r", vmin=-limit, vmax=limit, alpha=0.55)
-        ax.set_title(title, fontsize=10)
-    for ax in axes:
-        ax.set_axis_off()
-    fig.colorbar(drawn, ax=axes[1:], shrink=0.85, label="probability drop when greyed")
-    fig.suptitle(heading, fontsize=9)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
-def explain(model: nn.Module, item: dict, image: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, row: dict,
-            meta: dict, temperatures: list[float], args: argparse.Namespace, number: int) -> None:
-    classes = [meta["labels"][task].index(row[task]) for task in TASKS]
-    maps = occlusion_maps(model, image, ids, mask, classes, temperatures, args.batch_size)
-    titles = [f"{task}: {row[task]} ({row[f'{task}_probabilities'][row[task]]:.2f})" for task in TASKS]
-    frame = "" if item["frame"] is None else f"_frame{item['frame']}"
-    heading = item["path"] + ("" if item["frame"] is None else f", frame {item['frame']}") + (
-        "" if row["with_text"] else " (image only)")
-    name = f"{number:06d}_{Path(item['path']).stem}{frame}.png"
-    plot_explanation(item["image"], maps, titles, heading, args.explain / name)
-
-
-def write_rows(output: Path | None, meta: dict):
-    """A function that writes one result: a JSON line on stdout, or a row of --output (.jsonl, or .csv with a column
-    per class probability); and one that closes the file."""
-    if output is None:
-        return lambda row: print(json.dumps(row), flush=False), lambda: None
-    output.parent.mkdir(parents=True, exist_ok=True)
-    f = open(output, "w", newline="")
-    if output.suffix == ".jsonl":
-        writer = jsonlines.Writer(f)
-        return writer.write, lambda: (writer.close(), f.close())
-    probability_columns = [f"{task}_p_{name}" for task in TASKS for name in meta["labels"][task]]
-    columns = ["image", "frame", "with_text", *TASKS, *probability_columns, "dicom_modality", "dicom_body_part"]
-    table = csv.DictWriter(f, columns)
-    table.writeheader()
-
-    def write(row: dict) -> None:
-        flat = {k: v for k, v in row.items() if not k.endswith("_probabilities")}
-        table.writerow(flat | {f"{task}_p_{name}": p for task in TASKS
-                               for name, p in row[f"{task}_probabilities"].items()})
-    return write, f.close
-
-
-def predict_images(argv: list[str]) -> None:
-    """Print (or write to --output) per image or DICOM frame: the predicted modality and location and each class's
-    probability, from the logits divided by the model file's temperature (fitted on dev, so that a probability of
-    0.9 is right about 90 % of the time there). Files stream through in batches, so memory stays flat however many
-    there are. Unreadable files are named on stderr and skipped; the exit status is then 1."""
-    args = parse_predict(argv)
-    if not Path(args.model).is_file():
-        fail(f"{args.model}: no such model file (train one with: python light-weight-vlm.py)")
-    if Path(args.model).suffix == ".onnx":
-        require("onnx", "onnxruntime")
-    try:
-        model, meta = open_student(args.model)
-    except Exception as e:  # anything a load raises means the same here; a file holding code is refused, not run
-        fail(f"{args.model}: not a light-weight-vlm student file, or not one that loads without running code "
-             f"({type(e).__name__}); nothing in it was run")
-    if "tokenizer_files" not in meta:
-        fail(f"{args.model}: written by an older light-weight-vlm, before model files carried their tokenizer; "
-             f"train it again")
-    ids, mask, with_text = student_texts(args, meta)
-    temperatures = [meta.get("temperature", {}).get(task, 1.0) for task in TASKS]  # 1: a file from before calibration
-    found = find_inputs(args.image)
-    if args.explain:
-        import matplotlib
-        matplotlib.use("Agg")
-        args.explain.mkdir(parents=True, exist_ok=True)
-    write, close = write_rows(args.output, meta)
-    counts, done = Counter(), 0
-    inputs = read_inputs(found, meta["image_size"], args, counts)
-    progress = tqdm(total=len(found), unit="file", disable=not sys.stderr.isatty(), file=sys.stderr)
-    model.eval()
-    try:
-        while batch := list(itertools.islice(inputs, args.batch_size)):
-            images = normalize(torch.stack([item["image"] for item in batch]))
-            sources = torch.tensor([item["source"] for item in batch])
-            with torch.no_grad():
-                logits = model(images, ids[sources], mask[sources])
-            for i, item in enumerate(batch):
-                row = dict(image=item["path"], frame=item["frame"], with_text=with_text[item["source"]])
-                for task, task_logits, temperature in zip(TASKS, logits, temperatures):
-                    probabilities = (task_logits[i].float() / temperature).softmax(0)
-                    row[task] = meta["labels"][task][int(probabilities.argmax())]
-                    row[f"{task}_probabilities"] = {name: round(float(p), 4)
-                                                    for name, p in zip(meta["labels"][task], probabilities)}
-                row |= dict(dicom_modality=item["dicom_modality"], dicom_body_part=item["dicom_body_part"])
-                write(row)
-                done += 1
-                if args.explain:
-                    explain(model, item, images[i], ids[item["source"]:item["source"] + 1],
-                            mask[item["source"]:item["source"] + 1], row, meta, temperatures, args, done)
-            progress.update(len({item["path"] for item in batch}))
-    finally:
-        close()
-        progress.close()
-    if counts["ignored"]:
-        print(f"light-weight-vlm: ignored {counts['ignored']} file(s) that are neither images nor DICOM",
-              file=sys.stderr)
-    if counts["failed"]:
-        raise SystemExit(f"light-weight-vlm: error: {counts['failed']} of {len(found)} file(s) could not be read "
-                         f"(each named above); {done} result(s) written")
-    if not done:
-        fail(f"no image or DICOM file in {' '.join(args.image)}")
 
 
 # -----------------------------------------------------------------------------
@@ -2486,7 +2055,7 @@ def on_ctrl_c(signum, frame) -> None:
 def main(argv: list[str] | None = None) -> dict | None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["predict"]:
-        return predict_images(argv[1:])
+        fail("predict is a program of its own, without PyTorch: python predict.py " + shlex.join(argv[1:]))
     cfg = parse_config(argv)
     require("onnx", "onnxruntime")  # the ONNX students are written after training
     device, rank = start_processes(cfg)
@@ -2613,10 +2182,11 @@ def run(cfg, argv: list[str], device: torch.device) -> dict:
           f"{amp_name(amp)}")
     fingerprint = settings_key(**{split: [(s["image_key"], s["text"], s["modality"], s["location"]) for s in samples]
                                   for split, samples in splits.items()}, case_texts=case_texts)
-    packed = pack_tokenizer(tokenizer, [s["text"] for s in splits["train"][:200]])
-    meta = dict(student=kwargs, labels=names, tokenizer=tokenizer_name, tokenizer_files=packed,
+    packed = pack_tokenizer(tokenizer, [s["text"] for s in splits["train"][:200]], cfg.MAX_TOKENS, vocab)
+    meta = dict(student=kwargs, labels=names, tokenizer=tokenizer_name, tokenizer_json=packed,
+                unk_index=vocab.index(tokenizer.unk_token_id),
                 vocab=vocab, data=fingerprint, max_tokens=cfg.MAX_TOKENS, image_size=cfg.IMAGE_SIZE,
-                normalization=(NORM_MEAN, NORM_STD), quantized=False)
+                normalization=(NORM_MEAN, NORM_STD))
     best = train_student(student, data, cfg, names, meta, device, amp)
     if rank_and_world()[0] > 0:
         return {}
@@ -2630,24 +2200,22 @@ def run(cfg, argv: list[str], device: torch.device) -> dict:
     export_onnx(student, files["student_onnx"], meta)
     evaluation = evaluate_student(student.to(device), data, names, device)
     compressed = compress(student.to(device), data, cfg, meta, device, amp)
-    files.update(student_int8=compressed["path"], student_onnx_int8=compressed["onnx_path"])
-    int8 = dict(int8=load_student(compressed["path"])[0], onnx_int8=OnnxStudent(compressed["onnx_path"]))
+    files.update(student_onnx_int8=compressed["onnx_path"])
+    int8 = OnnxStudent(compressed["onnx_path"])
     marks.append(("pruning and quantization", time.time()))
     metrics["student"] = student_summary(evaluation)
-    for name, model in int8.items():  # the int8 students on the CPU, against the float ones' dev labels
-        metrics[f"student_{name}"] = student_summary(evaluate_student(model, data, names, cpu))
-        predicted = dev_check(model, data, cpu)["predicted"]
-        metrics[f"{name}_agreement"] = {reference: {task: round(float((a == b).float().mean()), 4)
-                                                    for task, a, b in zip(TASKS, labels, predicted)}
-                                        for reference, labels in compressed["predicted"].items()}
+    metrics["student_onnx_int8"] = student_summary(evaluate_student(int8, data, names, cpu))
+    predicted = dev_check(int8, data, cpu)["predicted"]  # against the float students' dev labels
+    metrics["onnx_int8_agreement"] = {reference: {task: round(float((a == b).float().mean()), 4)
+                                                  for task, a, b in zip(TASKS, labels, predicted)}
+                                      for reference, labels in compressed["predicted"].items()}
     metrics["pruning"] = compressed["report"]
     metrics["teacher"].pop("train")
     marks.append(("evaluation", time.time()))
     calibrated = {name: calibrate(open_student(path)[0], data, path) for name, path in files.items()}
     metrics["calibration"] = {name: c["report"] for name, c in calibrated.items()}
     marks.append(("calibration", time.time()))
-    timed = dict(float=load_student(files["student"])[0], int8=int8["int8"],
-                 onnx_int8=OnnxStudent(compressed["onnx_path"], threads=1))
+    timed = dict(float=load_student(files["student"])[0], onnx_int8=OnnxStudent(compressed["onnx_path"], threads=1))
     metrics["speed"] = {name: cpu_speed(model, cfg.IMAGE_SIZE, len(vocab), cfg.MAX_TOKENS, cfg.SPEED_REPEATS)
                         for name, model in timed.items()}
     marks.append(("speed", time.time()))

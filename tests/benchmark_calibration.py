@@ -28,9 +28,12 @@ def run_errors(run: Path, root: Path, cache: Path) -> dict:
         path = Path(shutil.copy(run / "results" / "lightweight_vlm_int8.onnx", folder))
         model, meta = lvm.open_student(path)
         samples = lvm.load_split(root, "dev", Counter())
-        images = lvm.load_images(samples, meta["image_size"], cache, Counter())
-        dev = lvm.prepare_split(samples, images, lvm.unpack_tokenizer(meta["tokenizer_files"]), meta["vocab"],
-                                meta["labels"], "dev", argparse.Namespace(MAX_TOKENS=meta["max_tokens"]))
+        images = lvm.load_images(samples, meta["image"]["size"], cache, Counter())
+        samples = [s for s in samples if s["image_key"]]
+        ids, mask = lvm.deployment.text_inputs([s["text"] for s in samples], meta, None)  # as predict.py reads it
+        dev = lvm.Split(torch.stack([images[s["image_key"]] for s in samples]), torch.from_numpy(ids),
+                        torch.from_numpy(mask), tuple(lvm.encode_labels(samples, task, meta["labels"][task], "dev")
+                                                      for task in lvm.TASKS))
         report = lvm.calibrate(model, {"dev": dev}, path)["report"]
     logits, cases = lvm.predict(model, dev, torch.device("cpu")), [s["case"] for s in samples]
     errors = {}

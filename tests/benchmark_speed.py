@@ -4,8 +4,8 @@
 
 Teacher: what runs at inference, CLIP ViT-B/32's vision tower and projection plus DistilBERT-base plus
 the heads, built from their configs (random weights cost the same as pretrained ones, which cannot be
-downloaded everywhere), on 224 px images. Students: the four files in --results, the float .pth and int8 .pt
-in PyTorch, the float and int8 .onnx in ONNX Runtime. Every model reads a text of MAX_TOKENS tokens (the worst
+downloaded everywhere), on 224 px images. Students: the three files in --results, the float .pth in PyTorch,
+the float and int8 .onnx in ONNX Runtime. Every model reads a text of MAX_TOKENS tokens (the worst
 case) and random pixels, on one CPU thread: latency at batch 1, median of --repeats timed runs after warm-up;
 throughput at batch 32, median of a tenth as many (the script's own cpu_speed, which every run also reports in
 metrics.json). Bytes: file size for the students, fp32 weights for the teacher. Dev accuracy: the metrics.json
@@ -21,7 +21,6 @@ import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "light-weight-vlm.py"
 STUDENTS = (("float student (PyTorch)", "lightweight_vlm.pth", "student"),
-            ("int8 student (PyTorch, torch.ao)", "lightweight_vlm_int8.pt", "student_int8"),
             ("float student (ONNX Runtime)", "lightweight_vlm.onnx", "student"),
             ("int8 student (ONNX Runtime)", "lightweight_vlm_int8.onnx", "student_onnx_int8"))
 
@@ -57,11 +56,9 @@ def main() -> None:
     metrics = json.loads((results / "metrics.json").read_text())
     dev = lambda model: " / ".join(f"{metrics[model]['dev'][f'{task}_acc']:.3f}" for task in lvm.TASKS)
 
-    rows = []
+    rows, meta = [], lvm.load_student(results / "lightweight_vlm.pth")[1]
     for name, file, accuracy in STUDENTS:
-        model, meta = lvm.open_student(results / file)
-        if file.endswith(".onnx"):
-            model = lvm.OnnxStudent(results / file, threads=1)
+        model = lvm.OnnxStudent(results / file, threads=1) if file.endswith(".onnx") else lvm.load_student(results / file)[0]
         speed = lvm.cpu_speed(model, meta["image_size"], meta["student"]["vocab_size"], meta["max_tokens"], args.repeats)
         rows.append([name, metrics["student_params"], (results / file).stat().st_size, speed["batch1_ms"],
                      speed["batch32_per_s"], dev(accuracy)])
@@ -78,10 +75,9 @@ def main() -> None:
     print("| --- | ---: | ---: | ---: | ---: | --- |")
     for name, params, size_bytes, latency, throughput, accuracy in rows:
         print(f"| {name} | {params:,} | {size_bytes:,} | {latency:.2f} | {throughput:.1f} | {accuracy} |")
-    teacher_row, torch_int8, onnx_int8 = rows[0], rows[2], rows[4]
+    teacher_row, onnx_int8 = rows[0], rows[3]
     print(f"\nONNX Runtime int8 student against the teacher: {teacher_row[3] / onnx_int8[3]:.0f}x faster at batch 1, "
-          f"{teacher_row[2] / onnx_int8[2]:.0f}x fewer bytes; against the torch.ao int8 student: "
-          f"{torch_int8[3] / onnx_int8[3]:.1f}x faster at batch 1")
+          f"{teacher_row[2] / onnx_int8[2]:.0f}x fewer bytes")
 
 
 if __name__ == "__main__":

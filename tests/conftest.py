@@ -1,7 +1,7 @@
 import csv
 import importlib.util
-import json
 import os
+import sys
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
@@ -10,6 +10,7 @@ import jsonlines
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # predict.py
 MEDPIX = ROOT.parent / "shared" / "medpix" / "MedPix-2-0"
 
 
@@ -57,19 +58,6 @@ def demo_dev_data(lvm, workdir: Path, meta: dict, split: str = "dev"):
     images = lvm.load_images(samples, meta["image_size"], workdir / "cache", Counter())
     return lvm.prepare_split(samples, images, tokenizer, meta["vocab"], meta["labels"], split,
                              lvm.parse_config(["--demo"]))
-
-
-def run_predict(lvm, workdir: Path, args: list[str], capsys) -> list[dict]:
-    """predict run in workdir; the JSON rows it printed."""
-    previous = os.getcwd()
-    os.chdir(workdir)
-    try:
-        lvm.main(["predict", *args])
-    finally:
-        os.chdir(previous)
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err
-    return [json.loads(line) for line in out.splitlines()]
 
 
 @contextmanager

@@ -11,7 +11,6 @@ import re
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from packaging.requirements import Requirement
 from torch.overrides import TorchFunctionMode
@@ -37,14 +36,17 @@ def imported_modules(path) -> set[str]:
     return names
 
 
+LOCAL = [ROOT, ROOT / "tests"]  # where the project's own modules lie
+
+
 def code_the_gpu_check_runs() -> set:
-    """The two GPU files, the test modules they import (and those import), and the training script they run."""
+    """The two GPU files, the project's modules they import (and those import), and the training script they run."""
     files, todo = set(), [ROOT / "tests" / "test_cuda.py", ROOT / "tests" / "benchmark_gpu.py", ROOT / "light-weight-vlm.py"]
     while todo:
         path = todo.pop()
         if path not in files:
             files.add(path)
-            todo += [ROOT / "tests" / f"{m}.py" for m in imported_modules(path) if (ROOT / "tests" / f"{m}.py").exists()]
+            todo += [folder / f"{m}.py" for m in imported_modules(path) for folder in LOCAL if (folder / f"{m}.py").exists()]
     return files
 
 
@@ -53,7 +55,7 @@ def test_gpu_wheels_are_exactly_what_the_gpu_image_lacks_for_the_check():
     image = {canonical(n) for line in lines if line.startswith("# image:") for n in line.split(":", 1)[1].split()}
     wheels = {canonical(Requirement(line).name): Requirement(line) for line in lines if line and not line.startswith("#")}
     assert "torch" in image and all(str(w.specifier).startswith("==") for w in wheels.values())
-    local = {p.stem for p in (ROOT / "tests").glob("*.py")}
+    local = {p.stem for folder in LOCAL for p in folder.glob("*.py")}
     modules = set().union(*map(imported_modules, code_the_gpu_check_runs())) - set(sys.stdlib_module_names) - local
     owners = importlib.metadata.packages_distributions()
     needed = {canonical(owners[m][0]) for m in modules}

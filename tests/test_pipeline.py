@@ -1,9 +1,9 @@
+import base64
 import gzip
 import json
 import math
 import os
-import shutil
-import tempfile
+import types
 from collections import Counter
 from pathlib import Path
 
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import MEDPIX, assert_warm_up_then_cosine, demo_dev_data, dtypes_seen, head_output_dtypes, read_csv, run_predict, write_split
+from conftest import MEDPIX, assert_warm_up_then_cosine, demo_dev_data, dtypes_seen, head_output_dtypes, read_csv, write_split
 
 
 def small_student(lvm, vocab_size=50):
@@ -649,7 +649,7 @@ def test_demo_run_writes_every_output(lvm, demo_run):
     assert teacher_log[0] == ["split", "modality_acc", "modality_f1", "location_acc", "location_f1"]
     assert {r[0]: float(r[3]) for r in teacher_log[1:]}["dev"] == saved["teacher"]["dev"]["location_acc"]
     assert saved == json.loads(json.dumps(metrics))
-    for model in ("teacher", "student", "student_int8"):
+    for model in ("teacher", "student", "student_onnx_int8"):
         assert set(saved[model]) == {"dev", "test"}
         for split in ("dev", "test"):
             keys = {"modality_acc", "location_acc", "modality_f1", "location_f1"}
@@ -658,11 +658,11 @@ def test_demo_run_writes_every_output(lvm, demo_run):
                 assert set(saved[model][split]["image_only"]) == keys
     assert saved["student"]["dev"]["modality_acc"] > 0.8 and saved["student"]["dev"]["location_acc"] > 0.6
     assert saved["student_file_bytes"] == (workdir / "results" / "lightweight_vlm.pth").stat().st_size
-    assert saved["student_int8_file_bytes"] == (workdir / "results" / "lightweight_vlm_int8.pt").stat().st_size
-    assert saved["student_int8_file_bytes"] < saved["student_file_bytes"]
+    assert saved["student_onnx_int8_file_bytes"] == (workdir / "results" / "lightweight_vlm_int8.onnx").stat().st_size
+    assert saved["student_onnx_int8_file_bytes"] < saved["student_file_bytes"]
     assert saved["student_params"] > 0 and saved["teacher_params"] > 0
     for name, file in (("student", "lightweight_vlm.pth"), ("student_onnx", "lightweight_vlm.onnx"),
-                       ("student_int8", "lightweight_vlm_int8.pt"), ("student_onnx_int8", "lightweight_vlm_int8.onnx")):
+                       ("student_onnx_int8", "lightweight_vlm_int8.onnx")):
         calibration = saved["calibration"][name]
         assert lvm.open_student(workdir / "results" / file)[1]["temperature"] == {
             task: calibration[task]["temperature"] for task in lvm.TASKS}
@@ -712,42 +712,65 @@ def test_each_file_holds_the_temperature_that_fits_its_own_dev_logits(lvm, demo_
     data = demo_dev_data(lvm, workdir, meta)
     grid = torch.exp(torch.linspace(math.log(0.05), math.log(20), 3001))  # steps of 0.2 %
     found = {}
-    for file in ("lightweight_vlm.pth", "lightweight_vlm.onnx", "lightweight_vlm_int8.pt", "lightweight_vlm_int8.onnx"):
+    for file in ("lightweight_vlm.pth", "lightweight_vlm.onnx", "lightweight_vlm_int8.onnx"):
         model, file_meta = lvm.open_student(workdir / "results" / file)
         for task, logits, labels in zip(lvm.TASKS, lvm.predict(model, data, torch.device("cpu")), data.labels):
             nll = [float(F.cross_entropy(logits.double() / t, labels)) for t in grid]
             found[file, task] = float(grid[int(np.argmin(nll))])
             assert file_meta["temperature"][task] == pytest.approx(found[file, task], rel=0.005), (file, task)
     # the int8 files' logits differ from the float ones' enough that one temperature for all would be caught
-    assert any(abs(found["lightweight_vlm_int8.pt", task] / found["lightweight_vlm.pth", task] - 1) > 0.01
+    assert any(abs(found["lightweight_vlm_int8.onnx", task] / found["lightweight_vlm.pth", task] - 1) > 0.01
                for task in lvm.TASKS)
 
 
-def test_int8_student_quantizes_every_layer_kind_and_reports_its_agreement(lvm, demo_run):
+def test_int8_onnx_student_is_static_int8_but_its_lstm_and_reports_its_agreement(lvm, demo_run):
     workdir, metrics = demo_run
-    float_model, meta = lvm.load_student(workdir / "results" / "lightweight_vlm.pth")
-    int8_model, int8_meta = lvm.load_student(workdir / "results" / "lightweight_vlm_int8.pt")
-    assert int8_meta["quantized"] and not meta["quantized"] and int8_meta["labels"] == meta["labels"]
-    kinds = Counter(m._get_name() for m in int8_model.modules())  # the names its repr shows
-    convs = sum(isinstance(m, torch.nn.Conv2d) for m in float_model.cnn.modules())
-    clipped = sum(isinstance(m, torch.nn.Hardtanh) for m in float_model.cnn.modules())  # conv-BN-ReLU(6): one layer
-    assert convs > 30 and clipped > 20 and kinds["QuantizedConvReLU2d"] == clipped and kinds["Conv2d"] == 0
-    assert kinds["QuantizedConv2d"] == convs - clipped and kinds["BatchNorm2d"] == 0
-    assert kinds["QuantizedEmbedding"] == 1 and kinds["DynamicQuantizedLSTM"] == 1
-    assert kinds["DynamicQuantizedLinear"] == 4 and kinds["Linear"] == 0
-    embedding = int8_meta["state_dict"]["embedding._packed_params._packed_weight"]  # saved whole, not from freed memory
-    assert torch.isfinite(embedding.dequantize()).all() and embedding.dequantize().abs().max() < 100
-    assert metrics["student_int8_file_bytes"] < 0.35 * metrics["student_file_bytes"]
+    results = workdir / "results"
+    int8, exported = (onnx.load(results / name) for name in ("lightweight_vlm_int8.onnx", "lightweight_vlm.onnx"))
+    kinds, float_kinds = (Counter(node.op_type for node in model.graph.node) for model in (int8, exported))
+    assert kinds["QLinearConv"] == float_kinds["Conv"] > 30 and kinds["Conv"] == 0  # every convolution
+    assert kinds["QGemm"] >= 3 and kinds["LSTM"] == 1  # the projections and heads; the LSTM stays float
+    assert not [k for k in kinds if k.startswith("Dynamic") or k.endswith("Integer")]  # no range taken per call
+    initializers = {t.name: t for t in int8.graph.initializer}
+    table = next(initializers[n.input[0]] for n in int8.graph.node if n.op_type == "Gather" and n.input[0] in initializers
+                 and len(initializers[n.input[0]].dims) == 2)  # the token embedding
+    assert table.data_type in (onnx.TensorProto.UINT8, onnx.TensorProto.INT8)
+    assert metrics["student_onnx_int8_file_bytes"] < 0.45 * metrics["student_onnx_file_bytes"]
+    # the demo's 60 dev images through a randomly initialised EfficientNet path at 64 px
+    assert all(v >= 0.95 for v in metrics["onnx_int8_agreement"]["pruned_float"].values())
+    float_model, meta = lvm.load_student(results / "lightweight_vlm.pth")
+    onnx_int8, cpu = lvm.OnnxStudent(results / "lightweight_vlm_int8.onnx"), torch.device("cpu")
     data = demo_dev_data(lvm, workdir, meta)
-    cpu = torch.device("cpu")
-    int8_predicted = [lg.argmax(1) for lg in lvm.predict(int8_model, data, cpu)]
-    float_predicted = [lg.argmax(1) for lg in lvm.predict(float_model, data, cpu)]
-    for task, f, q in zip(lvm.TASKS, float_predicted, int8_predicted):
-        assert metrics["int8_agreement"]["float"][task] == pytest.approx(float((f == q).float().mean()), abs=1e-4)
-    assert all(v >= 0.95 for v in metrics["int8_agreement"]["pruned_float"].values())
-    int8_only = lvm.predict(int8_model, data, cpu, with_text=False)
-    float_only = lvm.predict(float_model, data, cpu, with_text=False)
-    assert all((f.argmax(1) == q.argmax(1)).float().mean() >= 0.85 for f, q in zip(float_only, int8_only))
+    labels = [[lg.argmax(1) for lg in lvm.predict(model, data, cpu)] for model in (float_model, onnx_int8)]
+    for task, float_labels, int8_labels in zip(lvm.TASKS, *labels):  # against the saved float file, recomputed here
+        agreement = float((float_labels == int8_labels).float().mean())
+        assert metrics["onnx_int8_agreement"]["float"][task] == pytest.approx(agreement, abs=1e-4) and agreement >= 0.85
+    image_only = {model: metrics[model]["dev"]["image_only"] for model in ("student", "student_onnx_int8")}
+    assert all(image_only["student_onnx_int8"][f"{task}_acc"] >= image_only["student"][f"{task}_acc"] - 0.1
+               for task in lvm.TASKS)  # the image path survives pruning and int8
+
+
+def test_the_packed_tokenizer_is_data_that_encodes_as_training_does(lvm, tmp_path):
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+    pieces = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "axial", "ct", "of", "the", "brain", "liver", "##s", "mr"]
+    (tmp_path / "vocab.txt").write_text("\n".join(pieces) + "\n")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": True}))
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    texts = ["Axial CT of the Brains, liver: MR!", "", "the " * 20]
+    vocab = list(range(len(pieces)))[:-1]  # "mr" is not in the student's vocabulary: it reads as unknown
+    packed = lvm.pack_tokenizer(tokenizer, texts, 16, vocab)
+    settings = json.loads(gzip.decompress(packed))
+    assert settings["truncation"] is None and settings["padding"] is None and settings["model"]["type"] == "WordPiece"
+    ids, mask = lvm.deployment.encode_texts(Tokenizer.from_str(gzip.decompress(packed).decode()), texts, 16, vocab,
+                                            vocab.index(tokenizer.unk_token_id), 0)
+    expected = lvm.tokenize(tokenizer, texts, 16, vocab)
+    assert np.array_equal(ids, expected[0].numpy()) and np.array_equal(mask, expected[1].numpy())
+    # axial ct of the brain ##s , liver : mr ! -- punctuation and "mr" (not in the student's vocabulary) read as unknown
+    assert ids[0].tolist()[:11] == [5, 6, 7, 8, 9, 11, 1, 10, 1, 1, 1] and mask.sum(1).tolist() == [11, 0, 16]
+    slow = types.SimpleNamespace(is_fast=False, name_or_path="a/sentencepiece-only")  # transformers 4 has such
+    with pytest.raises(SystemExit, match="'a/sentencepiece-only' has no fast \\(tokenizers\\) version"):
+        lvm.pack_tokenizer(slow, texts, 16, vocab)
 
 
 def test_pruning_report_in_metrics_and_log(lvm, demo_run):
@@ -785,142 +808,25 @@ def test_student_vocabulary_is_the_train_tokens_and_reads_others_as_unknown(lvm,
     assert (ids[:, 4:] == vocab.index(tokenizer.pad_token_id)).all() and ids.max() < len(vocab)
 
 
-def test_a_packed_bert_tokenizer_is_its_vocabulary_and_tokenizes_alike(lvm, tmp_path):
-    from transformers import AutoTokenizer
-    pieces = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "axial", "ct", "of", "the", "brain", "liver", "##s", "mr"]
-    (tmp_path / "vocab.txt").write_text("\n".join(pieces) + "\n")
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": True}))
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
-    text = "Axial CT of the Brains, liver: MR!"
-    assert len(tokenizer) == len(pieces) and tokenizer.unk_token_id in tokenizer(text)["input_ids"]  # for "," ":" "!"
-    assert tokenizer.convert_tokens_to_ids("brain") in tokenizer(text)["input_ids"]
-    packed = lvm.pack_tokenizer(tokenizer, [text])
-    assert set(json.loads(gzip.decompress(packed))) == {"vocab.txt", "tokenizer_config.json"}  # not tokenizer.json
-    again = lvm.unpack_tokenizer(packed)
-    assert again(text)["input_ids"] == tokenizer(text)["input_ids"] and again.get_vocab() == tokenizer.get_vocab()
-
-
-def test_a_packed_tokenizer_runs_no_code_and_reads_no_file_it_names(lvm, tmp_path, monkeypatch):
-    unpacked = tmp_path / "temp" / "unpacked"  # unpacking happens in a temporary folder made in here
-    unpacked.mkdir(parents=True)
-    monkeypatch.setattr(tempfile, "tempdir", str(unpacked))
-    pieces = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "axial", "ct"]
-    (tmp_path / "other_vocab.txt").write_text("\n".join(pieces[:5] + ["brain"]) + "\n")
-    settings = {"tokenizer_class": "BertTokenizer", "auto_map": {"AutoTokenizer": ["someone/evil--tok.EvilTok", None]},
-                "vocab_file": str(tmp_path / "other_vocab.txt")}
-    crafted = gzip.compress(json.dumps({"vocab.txt": "\n".join(pieces) + "\n",
-                                        "tokenizer_config.json": json.dumps(settings)}).encode())
-    monkeypatch.setattr("builtins.input", lambda *a: pytest.fail("asked whether to run remote code"))
-    tokenizer = lvm.unpack_tokenizer(crafted)
-    assert tokenizer.get_vocab() == {piece: i for i, piece in enumerate(pieces)}  # its own vocab.txt, nothing else
-    for name in ("../outside.txt", "../../outside.txt"):
-        with pytest.raises(ValueError, match="unexpected tokenizer files"):
-            lvm.unpack_tokenizer(gzip.compress(json.dumps({name: "x"}).encode()))
-    assert [p.relative_to(tmp_path) for p in (tmp_path / "temp").rglob("*")] == [Path("temp/unpacked")]
-
-
-def test_predict_prints_one_json_object_per_image_from_either_file(lvm, demo_run, capsys):
-    workdir, _ = demo_run
-    _, meta = lvm.load_student(workdir / "results" / "lightweight_vlm.pth")
-    data = demo_dev_data(lvm, workdir, meta)
-    samples = lvm.load_split(workdir / lvm.DEMO["DATA_ROOT"], "dev", Counter())[:3]
-    images = [str(Path(s["image"]).relative_to(workdir)) for s in samples]
-    for file in ("lightweight_vlm_int8.onnx", "lightweight_vlm.onnx", "lightweight_vlm_int8.pt", "lightweight_vlm.pth"):
-        model, file_meta = lvm.open_student(workdir / "results" / file)
-        temperature = file_meta["temperature"]
-        assert any(abs(t - 1) > 0.05 for t in temperature.values())  # else the check below could not tell
-        for texts in ([s["text"] for s in samples], []):
-            args = ["--model", f"results/{file}", "--image", *images] + [a for t in texts for a in ("--text", t)]
-            rows = run_predict(lvm, workdir, args, capsys)
-            logits = lvm.predict(model, lvm.Split(data.images[:3], data.ids[:3], data.mask[:3]), torch.device("cpu"),
-                                 with_text=bool(texts))
-            assert [r["image"] for r in rows] == images and all(r["with_text"] == bool(texts) for r in rows)
-            for task, task_logits in zip(lvm.TASKS, logits):
-                for row, lg in zip(rows, task_logits):
-                    probabilities = row[f"{task}_probabilities"]
-                    assert list(probabilities) == meta["labels"][task]
-                    assert sum(probabilities.values()) == pytest.approx(1, abs=1e-3)
-                    assert row[task] == meta["labels"][task][int(lg.argmax())]
-                    assert list(probabilities.values()) == pytest.approx((lg / temperature[task]).softmax(0).tolist(),
-                                                                         abs=1e-4)
-
-
 def test_onnx_students_match_the_torch_ones_and_carry_what_predict_needs(lvm, demo_run):
     workdir, metrics = demo_run
     results = workdir / "results"
     float_model, meta = lvm.load_student(results / "lightweight_vlm.pth")
     onnx_float, onnx_int8 = (lvm.OnnxStudent(results / name) for name in ("lightweight_vlm.onnx", "lightweight_vlm_int8.onnx"))
-    for key in ("labels", "vocab", "image_size", "max_tokens", "tokenizer_files"):
-        assert onnx_int8.meta[key] == meta[key], key
-    assert onnx_int8.meta["normalization"] == [0.5, 0.5] and onnx_int8.meta["quantized"]  # to EfficientNet-Lite0's [-1, 1]
+    carried = onnx_int8.meta
+    assert carried["labels"] == meta["labels"] and carried["image"] == dict(size=meta["image_size"], normalization=[0.5, 0.5])
+    assert carried["text"] == dict(max_tokens=meta["max_tokens"], vocab=meta["vocab"], unk_index=meta["unk_index"],
+                                   pad_index=meta["student"]["pad_id"])
+    assert gzip.decompress(base64.b64decode(carried["tokenizer_json"])) == gzip.decompress(meta["tokenizer_json"])
+    assert carried["quantized"] and not onnx_float.meta["quantized"] and "Pillow" in carried["contract"]
     cpu = torch.device("cpu")
     for split in ("dev", "test"):  # batch and text length are free: predict feeds batches of 64 and all 128 tokens
         data = demo_dev_data(lvm, workdir, meta, split)
         for a, b in zip(lvm.predict(float_model, data, cpu), lvm.predict(onnx_float, data, cpu)):
             assert torch.allclose(a, b, atol=1e-4)
-    kinds = {node.op_type for node in onnx.load(results / "lightweight_vlm_int8.onnx").graph.node}
-    assert {"QLinearConv", "DynamicQuantizeLSTM", "MatMulInteger"} <= kinds and "Conv" not in kinds
-    # the demo's 60 dev images through a randomly initialised EfficientNet path at 64 px: its int8 ONNX student
-    # agreed on 56 of them in location (real folds: 0.96-0.98, docs/experiments.md)
-    assert all(v >= 0.9 for v in metrics["onnx_int8_agreement"]["pruned_float"].values())
-    data = demo_dev_data(lvm, workdir, meta)
-    labels = [[lg.argmax(1) for lg in lvm.predict(model, data, cpu)] for model in (float_model, onnx_int8)]
-    for task, float_labels, int8_labels in zip(lvm.TASKS, *labels):  # against the saved float file, recomputed here
-        agreement = float((float_labels == int8_labels).float().mean())
-        assert metrics["onnx_int8_agreement"]["float"][task] == pytest.approx(agreement, abs=1e-4) and agreement >= 0.85
-    assert metrics["student_onnx_int8_file_bytes"] < 0.35 * metrics["student_onnx_file_bytes"]
-    for name in ("float", "int8", "onnx_int8"):
-        assert metrics["speed"][name]["batch1_ms"] > 0 and metrics["speed"][name]["batch32_per_s"] > 0
-
-
-@pytest.mark.parametrize("file", ["lightweight_vlm_int8.onnx", "lightweight_vlm.pth"])
-def test_a_model_file_alone_predicts_with_and_without_text(lvm, demo_run, tmp_path, capsys, file):
-    """A colleague who got only the file: no tokenizer folder, no cache; the image-only path needs no tokenizer."""
-    workdir, _ = demo_run
-    shutil.copy(workdir / "results" / file, tmp_path / file)
-    sample = lvm.load_split(workdir / lvm.DEMO["DATA_ROOT"], "dev", Counter())[0]
-    shutil.copy(sample["image"], tmp_path / "scan.png")
-    with_text = run_predict(lvm, tmp_path, ["--model", file, "--image", "scan.png", "--text", sample["text"]], capsys)
-    in_place = run_predict(lvm, workdir, ["--model", f"results/{file}", "--image", sample["image"], "--text",
-                                          sample["text"]], capsys)
-    assert [r | {"image": None} for r in with_text] == [r | {"image": None} for r in in_place]
-    image_only = run_predict(lvm, tmp_path, ["--model", file, "--image", "scan.png",
-                                             "--tokenizer", str(tmp_path / "nowhere")], capsys)  # never opened
-    in_place = run_predict(lvm, workdir, ["--model", f"results/{file}", "--image", sample["image"]], capsys)
-    assert [r | {"image": None} for r in image_only] == [r | {"image": None} for r in in_place]
-    assert not image_only[0]["with_text"] and with_text[0]["with_text"]
-
-
-@pytest.mark.parametrize("content, expected", [(None, "No such file or directory"),
-                                               (b"not a png", "neither an image nor a DICOM file"),
-                                               (b"", "neither an image nor a DICOM file")])
-def test_predict_names_a_missing_or_unreadable_image_skips_it_and_exits_1(lvm, demo_run, capsys, content, expected):
-    workdir, _ = demo_run
-    good = str(Path(lvm.load_split(workdir / lvm.DEMO["DATA_ROOT"], "dev", Counter())[0]["image"]).relative_to(workdir))
-    if content is not None:
-        (workdir / "no_such.png").write_bytes(content)
-    try:
-        with pytest.raises(SystemExit) as stop:
-            run_predict(lvm, workdir, ["--image", "no_such.png", good], capsys)
-    finally:
-        (workdir / "no_such.png").unlink(missing_ok=True)
-    out, err = capsys.readouterr()
-    assert [json.loads(line)["image"] for line in out.splitlines()] == [good]  # the others are still answered
-    assert err.splitlines() == [f"light-weight-vlm: skipped no_such.png: {expected}"]
-    assert str(stop.value) == "light-weight-vlm: error: 1 of 2 file(s) could not be read (each named above); " \
-                              "1 result(s) written"
-
-
-def test_predict_rejects_a_missing_model_file_and_mismatched_texts(lvm, demo_run, capsys):
-    workdir, _ = demo_run
-    with pytest.raises(SystemExit) as stop:
-        run_predict(lvm, workdir, ["--model", "results/none.pt", "--image", "a.png"], capsys)
-    assert str(stop.value) == "light-weight-vlm: error: results/none.pt: no such model file " \
-                              "(train one with: python light-weight-vlm.py)"
-    with pytest.raises(SystemExit) as stop:
-        lvm.main(["predict", "--image", "a.png", "b.png", "--text", "x", "--text", "y", "--text", "z"])
-    assert stop.value.code == 2
-    assert "give --text once, or once per --image (2 paths, 3 texts)" in capsys.readouterr().err
+    assert set(metrics["speed"]) == {"float", "onnx_int8"}
+    assert all(metrics["speed"][name]["batch1_ms"] > 0 and metrics["speed"][name]["batch32_per_s"] > 0
+               for name in metrics["speed"])
 
 
 def test_demo_run_draws_pictures_and_a_report_with_the_runs_numbers(lvm, demo_run):
@@ -934,12 +840,12 @@ def test_demo_run_draws_pictures_and_a_report_with_the_runs_numbers(lvm, demo_ru
     report = (results / "report.md").read_text()
     saved = json.loads((results / "metrics.json").read_text())
     columns = ("modality_acc", "modality_f1", "location_acc", "location_f1")
-    for model in ("teacher", "student", "student_int8"):
+    for model in ("teacher", "student", "student_onnx_int8"):
         for split, values in saved[model].items():
             for name, row in ((model, values), (f"{model} (image only)", values.get("image_only"))):
                 if row:
                     assert f"| {name} | {split} | " + " | ".join(f"{row[c]:.4f}" for c in columns) + " |" in report
-    assert f"student {saved['student_params']:,}" in report and f"int8 {saved['student_int8_file_bytes']:,} B" in report
+    assert f"student {saved['student_params']:,}" in report and f"int8 {saved['student_onnx_int8_file_bytes']:,} B" in report
     assert "```\npython light-weight-vlm.py --demo --DEVICE cpu\n```" in report
     assert f"| `EPOCHS` | `8` | `{lvm.EPOCHS}` |" in report  # a constant --demo changes
     n_train = len((workdir / lvm.DEMO["DATA_ROOT"] / "splitted_dataset" / "descriptions_train.jsonl").read_text().splitlines())
