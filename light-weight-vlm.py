@@ -564,7 +564,9 @@ IMAGE_ERRORS = deployment.IMAGE_ERRORS
 def decode_image(path: str, size: int) -> torch.Tensor:
     """predict.py's decoding (RGB, size x size by Pillow's bilinear filter), as a 3 x size x size uint8 tensor: what
     the deployed student reads is what it was trained on, to the pixel."""
-    return torch.from_numpy(deployment.decode_image(path, size)).permute(2, 0, 1).contiguous()
+    with warnings.catch_warnings():  # Pillow's warning before predict.py's refusal of an image over its limit
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return torch.from_numpy(deployment.decode_image(path, size)).permute(2, 0, 1).contiguous()
 
 
 def load_images(samples: list[dict], size: int, cache_dir: Path, skipped: Counter) -> dict[str, torch.Tensor]:
@@ -639,15 +641,15 @@ def model_identity(name: str) -> str:
     return sha256(*[f"{p.relative_to(folder)}:{sha256(p.read_bytes())}" for p in sorted(folder.rglob("*")) if p.is_file()])
 
 
-def load_pretrained(loader, name: str, setting: str, remedy: str = ""):
+def load_pretrained(loader, name: str, setting: str):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return loader.from_pretrained(name)
     except (OSError, ValueError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        fail(f"cannot load {setting}={name!r}: {reason}. " + (remedy or f"Point {setting} to a local model folder "
-                                                              f"(see README, 'Offline'), or set it to None."))
+        fail(f"cannot load {setting}={name!r}: {reason}. Point {setting} to a local model folder (see README, "
+             f"'Offline'), or set it to None.")
 
 
 EFFICIENTNET_TEACHER_SIZE = 224  # an EfficientNet-Lite0 vision teacher reads images at its ImageNet training size; its
@@ -1710,7 +1712,7 @@ def calibration_error(probabilities: torch.Tensor, labels: torch.Tensor) -> floa
 
 def calibrate(model: nn.Module, data: dict[str, Split], path: Path) -> dict:
     """Fit each task's temperature on the dev logits of the student in the file at path, write it into that file
-    (predict divides the logits by it), and return per task the temperature and the ECE on every evaluated split
+    (predict.py divides the logits by it), and return per task the temperature and the ECE on every evaluated split
     before and after it, and the logits."""
     logits = {split: predict(model, d, torch.device("cpu")) for split, d in data.items() if split != "train"}
     report = {}
@@ -1725,7 +1727,7 @@ def calibrate(model: nn.Module, data: dict[str, Split], path: Path) -> dict:
 
 
 def save_temperature(path: Path, temperature: dict[str, float]) -> None:
-    """Add the temperatures to a student file: the .pth and .pt saved again, the .onnx's metadata rewritten."""
+    """Add the temperatures to a student file: the .pth saved again, the .onnx's metadata rewritten."""
     if path.suffix == ".onnx":
         import onnx
         proto = onnx.load(str(path))
@@ -1895,7 +1897,7 @@ def write_report(path: Path, argv: list[str], cfg, data: dict, names: dict, metr
     lines += ["", "## Skipped samples", ""]
     lines += markdown_table(["reason", "count"], [[r, n] for r, n in metrics["skipped"].items()]) \
         if metrics["skipped"] else ["none"]
-    lines += ["", "## Teacher, student and int8 students", ""] + markdown_table(
+    lines += ["", "## Teacher, student and int8 student", ""] + markdown_table(
         ["model", "split", *RESULT_COLUMNS], [[name, split, *(f"{row[c]:.4f}" for c in RESULT_COLUMNS)]
                                               for name, split, row in result_rows(metrics)])
     lines += [part for line in compression_lines(metrics) for part in ("", line)]

@@ -22,8 +22,10 @@ import base64
 import csv
 import glob
 import gzip
+import importlib.util
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -31,6 +33,7 @@ import tempfile
 import textwrap
 import warnings
 from collections import Counter, deque
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -72,11 +75,14 @@ def resize_square(image: Image.Image, size: int) -> np.ndarray:
 
 
 def decode_image(path: str, size: int) -> np.ndarray:
-    """An image file as the student reads it (size x size x 3 uint8). A decompression bomb is refused, not decoded."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as image:
-            return resize_square(to_rgb(image), size)
+    """An image file as the student reads it (size x size x 3 uint8). An image of more pixels than Pillow's
+    decompression-bomb limit is refused, not decoded (checked here, not through the warnings filter, which threads
+    share)."""
+    with Image.open(path) as image:
+        if image.width * image.height > Image.MAX_IMAGE_PIXELS:
+            raise Image.DecompressionBombError(f"{image.width} x {image.height} pixels, more than Pillow's limit of "
+                                               f"{Image.MAX_IMAGE_PIXELS:,}")
+        return resize_square(to_rgb(image), size)
 
 
 def model_input(images: np.ndarray, normalization: list[float]) -> np.ndarray:
@@ -115,7 +121,7 @@ def read_dicom(path: str, size: int, window: tuple[float, float] | None, frames:
         ds.WindowCenter, ds.WindowWidth = window
         ds.pop("VOILUTSequence", None)
     count = int(ds.get("NumberOfFrames") or 1)
-    fields = dict(dicom_modality=ds.get("Modality") or None, dicom_body_part=ds.get("BodyPartExamined") or None)
+    fields = dict(dicom_modality=header_text(ds, "Modality"), dicom_body_part=header_text(ds, "BodyPartExamined"))
     out = []
     for frame in range(count) if frames == "all" else [count // 2]:
         pixels = pixel_array(ds, index=frame if count > 1 else None)  # colour comes as RGB, YBR converted
@@ -138,14 +144,24 @@ def read_dicom(path: str, size: int, window: tuple[float, float] | None, frames:
     return out
 
 
+def header_text(ds, keyword: str) -> str | None:
+    """A header value as text; several values joined by DICOM's backslash."""
+    value = ds.get(keyword)
+    if not value:
+        return None
+    return "\\".join(map(str, value)) if isinstance(value, Sequence) and not isinstance(value, str) else str(value)
+
+
 # -----------------------------------------------------------------------------
 # inputs
 
 
-def folder_files(folder: str) -> list[str]:
-    """Every file below folder, sorted; a symlinked folder is followed, each real folder entered once (no loops)."""
+def folder_files(folder: str, unreadable: list) -> list[str]:
+    """Every file below folder, sorted; a symlinked folder is followed, each real folder entered once (no loops).
+    A subfolder that cannot be listed goes to unreadable."""
     seen, found = set(), []
-    for root, dirs, files in os.walk(folder, followlinks=True):
+    for root, dirs, files in os.walk(folder, followlinks=True, onerror=unreadable.append):
+        dirs.sort()
         if os.path.realpath(root) in seen:
             dirs.clear()
             continue
@@ -160,16 +176,19 @@ def find_inputs(patterns: list[str]) -> list[dict]:
     once per PATH."""
     entries = []
     for source, pattern in enumerate(patterns):
+        unreadable = []
         if os.path.isdir(pattern):
-            paths = folder_files(pattern)
+            paths = folder_files(pattern, unreadable)
         elif glob.has_magic(pattern) and not os.path.exists(pattern):
             paths = [p for match in sorted(glob.iglob(pattern, recursive=True))
-                     for p in (folder_files(match) if os.path.isdir(match) else [match])]
-            if not paths:
-                entries.append(dict(path=pattern, source=source, named=True, error="no file matches this pattern"))
+                     for p in (folder_files(match, unreadable) if os.path.isdir(match) else [match])]
         else:
             entries.append(dict(path=pattern, source=source, named=True, error=None))
             continue
+        entries += [dict(path=e.filename, source=source, named=True, error=e.strerror or str(e)) for e in unreadable]
+        if not paths and not unreadable:
+            entries.append(dict(path=pattern, source=source, named=True, error="no file matches this pattern"
+                                if not os.path.isdir(pattern) else "an empty folder"))
         shortest = {}  # per real file, the shortest of its paths (a symlink loop reaches it ever deeper)
         for path in paths:
             shortest[os.path.realpath(path)] = min(shortest.get(os.path.realpath(path), path), path,
@@ -228,7 +247,13 @@ def open_model(path: str, threads: int = 0):
     onnxruntime.set_default_logger_severity(4)  # its own log lines: failures come as exceptions
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
-    session = onnxruntime.InferenceSession(Path(path).read_bytes(), options, providers=["CPUExecutionProvider"])
+    model, here = Path(path).read_bytes(), os.getcwd()
+    with tempfile.TemporaryDirectory() as empty:  # it would look for external data in the working folder
+        os.chdir(empty)
+        try:
+            session = onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        finally:
+            os.chdir(here)
     meta = json.loads(session.get_modelmeta().custom_metadata_map.get(METADATA_KEY, "{}"))
     if not {"labels", "image", "text", "tokenizer_json"} <= meta.keys():
         raise ValueError("no input contract in its metadata: an ONNX file of another program, or of an older "
@@ -242,7 +267,10 @@ def load_tokenizer(meta: dict, override: str | None):
     from tokenizers import Tokenizer
     if override:
         path = Path(override) / "tokenizer.json" if Path(override).is_dir() else Path(override)
-        return Tokenizer.from_file(str(path))
+        tokenizer = Tokenizer.from_file(str(path))
+        tokenizer.no_padding()  # encode_texts truncates and pads as training did
+        tokenizer.no_truncation()
+        return tokenizer
     return Tokenizer.from_str(gzip.decompress(base64.b64decode(meta["tokenizer_json"])).decode())
 
 
@@ -341,6 +369,9 @@ def open_output(output: Path | None, tasks: dict[str, list[str]]):
         return lambda row: print(json.dumps(row)), lambda: None, lambda: None
     output.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # as open() would make it, not mkstemp's owner-only
     f = os.fdopen(handle, "w", newline="")
     if output.suffix == ".jsonl":
         write = lambda row: f.write(json.dumps(row) + "\n")
@@ -386,13 +417,15 @@ def parse_window(text: str) -> tuple[float, float]:
         center, width = (float(value) for value in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected CENTER,WIDTH such as 40,400 or -600,1500, got {text!r}")
+    if not (math.isfinite(center) and math.isfinite(width)):
+        raise argparse.ArgumentTypeError(f"the window must be finite numbers, got {text!r}")
     if not width >= 1:
         raise argparse.ArgumentTypeError(f"the window width must be >= 1 (DICOM's smallest), got {text!r}")
     return center, width
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                      epilog="Exit status: 0 every input answered; 1 some inputs unreadable, the rest "
                                             "answered; 2 nothing could run.")
     parser.add_argument("--model", default="results/lightweight_vlm_int8.onnx",
@@ -449,6 +482,8 @@ def writable_folder(folder: Path, option: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if importlib.util.find_spec("onnxruntime") is None:
+        stop("onnxruntime is not installed: python -m pip install -r requirements-predict.txt")
     check_model(args.model)
     try:
         session, meta = open_model(args.model)
@@ -463,13 +498,14 @@ def main(argv: list[str] | None = None) -> int:
         stop(f"the tokenizer {args.tokenizer or 'of ' + args.model} does not load ({reason(e)})")
     if args.explain:
         writable_folder(args.explain, "--explain")
+    entries = find_inputs(args.image)
+    bar = progress_bar(len(entries))
     try:
         write, finish, abandon = open_output(args.output, tasks)
     except OSError as e:
         stop(f"--output {args.output}: {e.strerror or e}")
     size, normalization = meta["image"]["size"], meta["image"]["normalization"]
     run = lambda images, rows: session.run(list(tasks), {"images": images, "ids": ids[rows], "mask": mask[rows]})
-    entries = find_inputs(args.image)
     counts, batch = Counter(), []
 
     def answer(batch: list[tuple[dict, dict]]) -> None:
@@ -488,7 +524,6 @@ def main(argv: list[str] | None = None) -> int:
                         temperatures, args, counts["answered"])
 
     read = lambda entry: read_entry(entry, size, args.window, args.frames)
-    bar = progress_bar(len(entries))
     try:
         for entry, result in read_ahead(entries, read, ahead=2 * args.batch_size):
             bar.update(1)
@@ -551,6 +586,12 @@ if __name__ == "__main__":
     if hasattr(signal, "SIGPIPE"):
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `| head` ends the program quietly, as it ends cat
     logging.getLogger("pydicom").setLevel(logging.CRITICAL + 1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # library warnings (pydicom's above all) stay off stderr: one line per problem
+    warnings.simplefilter("ignore")  # library warnings (pydicom's above all) stay off stderr: one line per problem
+    try:
         sys.exit(main())
+    except KeyboardInterrupt:
+        say("interrupted")
+        sys.exit(130)
+    except Exception as e:  # a failure no check foresaw: still one line
+        say(f"error: {type(e).__name__}: {reason(e)}")
+        sys.exit(NOTHING_RAN)

@@ -184,10 +184,12 @@ def test_body_part_and_modality_of_the_header_are_reported(results, tmp_path, ca
     header = pydicom.dcmread(dicom("CT_small.dcm"))
     header.BodyPartExamined = "CHEST"
     header.save_as(tmp_path / "chest.dcm")
+    header.BodyPartExamined = ["CHEST", "ABDOMEN"]  # two values
+    header.save_as(tmp_path / "two.dcm")
     code, rows, _ = run(["--model", results / "lightweight_vlm_int8.onnx", "--image", tmp_path / "chest.dcm",
-                         dicom("JPGExtended.dcm"), dicom("MR_small.dcm")], capsys)
+                         tmp_path / "two.dcm", dicom("JPGExtended.dcm"), dicom("MR_small.dcm")], capsys)
     assert code == 0
-    assert [(r["dicom_modality"], r["dicom_body_part"]) for r in rows] == [("CT", "CHEST"), (
+    assert [(r["dicom_modality"], r["dicom_body_part"]) for r in rows] == [("CT", "CHEST"), ("CT", "CHEST\\ABDOMEN"), (
         pydicom.dcmread(dicom("JPGExtended.dcm")).Modality, "WHOLE BODY"), ("MR", None)]
 
 
@@ -233,6 +235,9 @@ def test_symlinked_folders_are_followed_once_and_an_empty_glob_is_reported(lvm, 
     assert [r["image"] for r in rows] == [str(tmp_path / "real" / "scan.png"), str(tmp_path / "none*.png")]
     assert code == predict.SOME_UNREADABLE and rows[1]["error"] == "no file matches this pattern"
     assert err[0] == f"predict.py: skipped {tmp_path / 'none*.png'}: no file matches this pattern"
+    (tmp_path / "empty").mkdir()
+    code, rows, err = run(model + ["--image", tmp_path / "empty", tmp_path / "top"], capsys)
+    assert code == predict.SOME_UNREADABLE and rows[0]["error"] == "an empty folder" and rows[1]["error"] is None
 
 
 def test_exit_codes_and_a_row_for_every_unreadable_input(lvm, demo_run, results, tmp_path, capsys):
@@ -265,6 +270,7 @@ def test_exit_codes_and_a_row_for_every_unreadable_input(lvm, demo_run, results,
 
 @pytest.mark.parametrize("args, message", [
     (["--window", "40"], "expected CENTER,WIDTH"), (["--window", "40,0.5"], "the window width must be >= 1"),
+    (["--window", "nan,400"], "finite"), (["--wind", "-600,1500"], "unrecognized arguments: --wind"),
     (["--output", "rows.xlsx"], "--output must end in .csv or .jsonl"), (["--text", "x", "--text", "y"],
                                                                            "give --text once, or once per --image")])
 def test_bad_arguments_are_refused_in_one_line_before_any_work(capsys, args, message):
@@ -277,19 +283,12 @@ def test_an_output_that_cannot_be_written_is_refused_and_a_stopped_run_leaves_no
     good = [s["image"] for s in demo_samples(lvm, demo_run[0], 3)]
     model = ["--model", results / "lightweight_vlm_int8.onnx", "--image", *good]
     (tmp_path / "folder.csv").mkdir()
-    (tmp_path / "locked").mkdir()
-    (tmp_path / "locked").chmod(0o500)
-    (tmp_path / "file").write_text("")
-    try:
-        for args, message in ((["--output", tmp_path / "folder.csv"], "is a folder"),
-                              (["--output", tmp_path / "file" / "rows.csv"], "--output"),
-                              (["--explain", tmp_path / "file" / "maps"], "--explain")):
-            code, rows, err = run(model + args, capsys)
-            assert code == 2 and message in err[-1] and "Traceback" not in "".join(err), err
-        if os.geteuid() != 0:  # root writes anywhere
-            assert run(model + ["--output", tmp_path / "locked" / "rows.csv"], capsys)[0] == 2
-    finally:
-        (tmp_path / "locked").chmod(0o700)
+    (tmp_path / "file").write_text("")  # a file where a folder should be
+    for args, message in ((["--output", tmp_path / "folder.csv"], "is a folder"),
+                          (["--output", tmp_path / "file" / "rows.csv"], "--output"),
+                          (["--explain", tmp_path / "file" / "maps"], "--explain")):
+        code, rows, err = run(model + args, capsys)
+        assert code == 2 and message in err[-1] and "Traceback" not in "".join(err), err
     answer, calls = predict.probabilities, []
 
     def interrupted(*args):  # Ctrl-C after the first row (one call per task) was written
@@ -301,7 +300,13 @@ def test_an_output_that_cannot_be_written_is_refused_and_a_stopped_run_leaves_no
         patch.setattr(predict, "probabilities", interrupted)
         with pytest.raises(KeyboardInterrupt):
             predict.main([str(a) for a in model + ["--output", tmp_path / "rows.jsonl", "--batch-size", "1"]])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder.csv", "locked"]  # no table, no temporary
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder.csv"]  # no table, no temporary
+    previous = os.umask(0o022)
+    try:
+        assert run(model + ["--output", tmp_path / "rows.csv"], capsys)[0] == 0
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "rows.csv").stat().st_mode & 0o777 == 0o644  # as any file the user makes, not owner-only
 
 
 def test_csv_and_jsonl_hold_the_printed_rows(lvm, demo_run, results, tmp_path, capsys):
@@ -338,6 +343,7 @@ def test_batch_1_and_batch_64_give_the_same_answers(lvm, demo_run, results, caps
             for text in ([], ["--text", "axial ct image of the chest"]):
                 code, rows, _ = run(["--model", results / file, "--image", *images, "--batch-size", batch, *text],
                                     capsys)
+                assert code == 0 and len(rows) == len(images)
                 answers[batch, bool(text)] = rows
         for text in (False, True):
             for one, many in zip(answers["1", text], answers["64", text]):
@@ -412,6 +418,13 @@ def test_a_model_file_alone_answers_with_and_without_text(lvm, demo_run, results
     code, image_only, _ = run(["--model", tmp_path / "student.onnx", "--image", tmp_path / "scan.png", "--tokenizer",
                                tmp_path / "nowhere"], capsys)  # never opened
     assert code == 0 and not image_only[0]["with_text"]
+    padding = predict.load_tokenizer(predict.open_model(str(tmp_path / "student.onnx"))[1], None)
+    padding.enable_padding(length=300)  # a tokenizer.json that pads and truncates on its own: undone
+    padding.enable_truncation(5)
+    padding.save(str(tmp_path / "tokenizer.json"))
+    given = run(["--model", tmp_path / "student.onnx", "--image", tmp_path / "scan.png", "--text", sample["text"],
+                 "--tokenizer", tmp_path], capsys)[1]
+    assert [r | {"image": None} for r in given] == [r | {"image": None} for r in in_place]
 
 
 # heat maps -----------------------------------------------------------------------------------

@@ -529,9 +529,10 @@ def test_a_weights_file_that_holds_code_is_refused_and_runs_nothing(lvm, tmp_pat
     assert not marker.exists()
 
 
-def test_an_onnx_file_that_refers_to_data_elsewhere_is_refused(lvm, demo_run, tmp_path, capsys):
+def test_an_onnx_file_that_refers_to_data_elsewhere_is_refused(lvm, demo_run, tmp_path, capsys, monkeypatch):
     import onnx
     workdir, _ = demo_run
+    monkeypatch.chdir(tmp_path)  # where the data it refers to lies
     model = onnx.load(workdir / "results" / "lightweight_vlm.onnx")
     onnx.save_model(model, tmp_path / "split.onnx", save_as_external_data=True, location="weights.bin", size_threshold=0)
     Image.new("RGB", (20, 20)).save(tmp_path / "x.png")
@@ -539,3 +540,4 @@ def test_an_onnx_file_that_refers_to_data_elsewhere_is_refused(lvm, demo_run, tm
         predict.main(["--model", str(tmp_path / "split.onnx"), "--image", str(tmp_path / "x.png")])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and "split.onnx: not a light-weight-vlm student file" in err and err.count("\n") == 1
+    assert "External data path" in err  # refused for what it refers to, found beside it or not
