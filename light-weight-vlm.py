@@ -1218,15 +1218,20 @@ def train_epoch(model: nn.Module, data: Split, optimizer, scheduler, scaler, cfg
 
 
 @torch.no_grad()
-def predict(model: nn.Module, data: Split, device: torch.device, batch_size: int = 64,
-            with_text: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def predict(model: nn.Module, data: Split, device: torch.device, batch_size: int = 64, with_text: bool = True,
+            with_image: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits per task on the CPU, computed in fp32 (no autocast): what dev chooses on and what is reported
-    is what the saved fp32 model computes."""
+    is what the saved fp32 model computes. Without text: the mask all zeros. Without image (a torch Student only):
+    its image vector set to zero, as the case-text samples are trained, so that the text reader decides alone."""
     model.eval()
     outputs = []
     for idx in torch.arange(len(data.images)).split(batch_size):
-        mask = data.mask[idx] if with_text else torch.zeros_like(data.mask[idx])
-        logits = model(normalize(data.images[idx].to(device)), data.ids[idx].to(device), mask.to(device))
+        ids, mask = data.ids[idx].to(device), (data.mask[idx] if with_text else torch.zeros_like(data.mask[idx])).to(device)
+        if with_image:
+            logits = model(normalize(data.images[idx].to(device)), ids, mask)
+        else:
+            text = model.encode_text(ids, mask)
+            logits = model.classify(dict(image=text.new_zeros(len(text), model.widths["image"]), text=text))
         outputs.append([lg.float().cpu() for lg in logits])
     return tuple(torch.cat(parts) for parts in zip(*outputs))
 
@@ -1743,24 +1748,30 @@ def summary(metrics: dict[str, dict]) -> dict:
 
 
 def evaluate_student(model: nn.Module, data: dict[str, Split], names: dict, device: torch.device) -> dict:
-    """Full metrics per evaluated split and task, and again with the text removed (key 'image_only')."""
+    """Full metrics per evaluated split and task: fused, and taken apart: with the text removed ('image_only') and,
+    for a torch student, with the image vector zeroed ('text_only')."""
+    parts = {"image_only": dict(with_text=False)} | ({"text_only": dict(with_image=False)}
+                                                      if isinstance(model, Student) else {})
     return {split: evaluate_logits(predict(model, d, device), d, names) |
-            {"image_only": evaluate_logits(predict(model, d, device, with_text=False), d, names)}
+            {part: evaluate_logits(predict(model, d, device, **reads), d, names) for part, reads in parts.items()}
             for split, d in data.items() if split != "train"}
 
 
 def student_summary(evaluation: dict) -> dict:
-    return {split: summary(e) | {"image_only": summary(e["image_only"])} for split, e in evaluation.items()}
+    return {split: summary(e) | {part: summary(e[part]) for part in ("image_only", "text_only") if part in e}
+            for split, e in evaluation.items()}
 
 
 RESULT_COLUMNS = [f"{task}_{k}" for task in TASKS for k in ("acc", "f1")]
 
 
 def result_rows(metrics: dict) -> list[tuple[str, str, dict]]:
-    """(model, split, values) for the teacher, the student and the int8 student, image-only rows included."""
+    """(model, split, values) for the teacher, the student and the int8 student, image-only and text-only rows
+    included."""
     return [(name, split, row) for model in ("teacher", "student", "student_onnx_int8")
             for split, values in metrics[model].items()
-            for name, row in ((model, values), (f"{model} (image only)", values.get("image_only"))) if row]
+            for name, row in ((model, values), (f"{model} (image only)", values.get("image_only")),
+                              (f"{model} (text only)", values.get("text_only"))) if row]
 
 
 def compression_lines(metrics: dict) -> list[str]:

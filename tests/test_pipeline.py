@@ -653,9 +653,9 @@ def test_demo_run_writes_every_output(lvm, demo_run):
         assert set(saved[model]) == {"dev", "test"}
         for split in ("dev", "test"):
             keys = {"modality_acc", "location_acc", "modality_f1", "location_f1"}
-            assert set(saved[model][split]) == (keys if model == "teacher" else keys | {"image_only"})
-            if model != "teacher":
-                assert set(saved[model][split]["image_only"]) == keys
+            parts = {"teacher": set(), "student": {"image_only", "text_only"}, "student_onnx_int8": {"image_only"}}
+            assert set(saved[model][split]) == keys | parts[model]
+            assert all(set(saved[model][split][part]) == keys for part in parts[model])
     assert saved["student"]["dev"]["modality_acc"] > 0.8 and saved["student"]["dev"]["location_acc"] > 0.6
     assert saved["student_file_bytes"] == (workdir / "results" / "lightweight_vlm.pth").stat().st_size
     assert saved["student_onnx_int8_file_bytes"] == (workdir / "results" / "lightweight_vlm_int8.onnx").stat().st_size
@@ -773,6 +773,24 @@ def test_the_packed_tokenizer_is_data_that_encodes_as_training_does(lvm, tmp_pat
         lvm.pack_tokenizer(slow, texts, 16, vocab)
 
 
+def test_the_student_is_taken_apart_into_image_only_and_text_only(lvm, demo_run):
+    workdir, metrics = demo_run
+    for split in ("dev", "test"):
+        assert set(metrics["student"][split]["text_only"]) == set(metrics["student"][split]["image_only"])
+        assert "text_only" not in metrics["student_onnx_int8"][split]  # an ONNX file has no image vector to zero
+    model, meta = lvm.load_student(workdir / "results" / "lightweight_vlm.pth")
+    data, cpu = demo_dev_data(lvm, workdir, meta), torch.device("cpu")
+    noise = lvm.Split(torch.randint(0, 256, data.images.shape, dtype=torch.uint8), data.ids, data.mask)
+    shuffled = lvm.Split(data.images, data.ids[torch.randperm(len(data.ids))], data.mask)
+    text_only, image_only, fused = (lvm.predict(model, data, cpu, **reads) for reads in (
+        dict(with_image=False), dict(with_text=False), {}))
+    assert all(torch.equal(a, b) for a, b in zip(text_only, lvm.predict(model, noise, cpu, with_image=False)))
+    assert all(torch.equal(a, b) for a, b in zip(image_only, lvm.predict(model, shuffled, cpu, with_text=False)))
+    assert not torch.allclose(text_only[0], fused[0]) and not torch.allclose(image_only[1], fused[1])
+    accuracy = float((text_only[1].argmax(1) == data.labels[1]).float().mean())
+    assert metrics["student"]["dev"]["text_only"]["location_acc"] == pytest.approx(accuracy, abs=1e-4)
+
+
 def test_pruning_report_in_metrics_and_log(lvm, demo_run):
     workdir, metrics = demo_run
     report = metrics["pruning"]
@@ -842,7 +860,8 @@ def test_demo_run_draws_pictures_and_a_report_with_the_runs_numbers(lvm, demo_ru
     columns = ("modality_acc", "modality_f1", "location_acc", "location_f1")
     for model in ("teacher", "student", "student_onnx_int8"):
         for split, values in saved[model].items():
-            for name, row in ((model, values), (f"{model} (image only)", values.get("image_only"))):
+            for name, row in ((model, values), (f"{model} (image only)", values.get("image_only")),
+                              (f"{model} (text only)", values.get("text_only"))):
                 if row:
                     assert f"| {name} | {split} | " + " | ".join(f"{row[c]:.4f}" for c in columns) + " |" in report
     assert f"student {saved['student_params']:,}" in report and f"int8 {saved['student_onnx_int8_file_bytes']:,} B" in report
