@@ -13,7 +13,8 @@ so an interrupted benchmark resumes where it stopped.
 With --folds K, grouped K-fold cross-validation over the train and dev cases together instead, once per seed of
 --seeds: fold k's cases are the dev split of its run and the others its train split, a case never split
 (sklearn's GroupKFold on U_id); the fold data sets are written under --out/folds/ (images linked, not copied),
-and each row is the mean ± sd over the K folds. The test split is never read.
+and each row is the mean ± sd over the K folds of every seed; a fold's rows run side by side. The test split is
+never read.
 """
 
 import argparse
@@ -118,7 +119,7 @@ def main() -> None:
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     if args.folds:
         folds = write_folds(data_root(passthrough), args.folds, args.out / "folds")
-        tasks = [(row, seed, fold) for row in rows for seed in args.seeds for fold in folds]
+        tasks = [(row, seed, fold) for seed in args.seeds for fold in folds for row in rows]  # a fold's rows side by side
         over = f"{args.folds} folds of the train + dev cases (grouped by case) x seeds {args.seeds}"
     else:
         tasks = [(row, seed, None) for row in rows for seed in args.seeds]
