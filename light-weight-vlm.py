@@ -108,8 +108,7 @@ FEATURE_KD = 3.0  # weight of the feature term: cosine distance of the student's
 TOKEN_KD = 0.0  # weight of the per-token term: cosine distance of the LSTM's output at each token, through a linear
 # adapter, to the text teacher's last hidden state of the same token, reduced by PCA (0: off; on only where the student
 # reads with the text teacher's tokenizer)
-TOKEN_KD_DIM = 64  # PCA components of the teacher's token states, fitted on the train inputs' tokens (at most the
-# teacher's width)
+TOKEN_KD_DIM = 64  # PCA components of the teacher's token states, fitted on the train inputs' tokens
 # extra text-only location samples: each train case gives one per group of its Case fields (joined), read with the
 # image vector zeroed; never model input, never from dev or test. (): none
 CASE_TEXTS = (("Title", "Findings"), ("Discussion",), ("Case Diagnosis", "Differential Diagnosis"))
@@ -795,10 +794,12 @@ def token_targets(texts: dict[str, list[str]], teacher: dict, cfg, device: torch
         keys, by_key, lambda x: token_states(model, tokenizer, x, cfg.MAX_TOKENS, device, amp),
         cfg.TEACHER_BATCH_SIZE, "teacher token states"), shard=True)
     fitted = torch.cat([store[sha256(t)] for t in texts["train"]]).float().numpy()
-    pca = PCA(n_components=min(cfg.TOKEN_KD_DIM, *fitted.shape), random_state=0).fit(fitted)
+    if len(fitted) < cfg.TOKEN_KD_DIM:
+        fail(f"TOKEN_KD_DIM={cfg.TOKEN_KD_DIM} is more than the {len(fitted)} tokens of the train inputs")
+    pca = PCA(n_components=cfg.TOKEN_KD_DIM, random_state=0).fit(fitted)
     targets = {}
     for group, group_texts in texts.items():
-        out = torch.zeros(len(group_texts), cfg.MAX_TOKENS, pca.n_components_, dtype=torch.float16)
+        out = torch.zeros(len(group_texts), cfg.MAX_TOKENS, cfg.TOKEN_KD_DIM, dtype=torch.float16)
         for i, text in enumerate(group_texts):
             states = store[sha256(text)]
             if len(states):
