@@ -106,8 +106,8 @@ LABEL_SMOOTHING = 0.1
 FEATURE_KD = 3.0  # weight of the feature term: cosine distance of the student's image and text vectors,
 # through a linear adapter each, to the teacher's features of the same tower (0: off)
 TOKEN_KD = 0.0  # weight of the per-token term: cosine distance of the LSTM's output at each token, through a linear
-# adapter, to the text teacher's last hidden state of the same token, reduced by PCA (0: off; on only where the student
-# reads with the text teacher's tokenizer)
+# adapter, to the text teacher's last hidden state of the same token, reduced by PCA (0: off; the student's tokenizer
+# must be the teacher's)
 TOKEN_KD_DIM = 64  # PCA components of the teacher's token states, fitted on the train inputs' tokens
 # extra text-only location samples: each train case gives one per group of its Case fields (joined), read with the
 # image vector zeroed; never model input, never from dev or test. (): none
@@ -2239,10 +2239,9 @@ def run(cfg, argv: list[str], device: torch.device) -> dict:
                                                 {s: d.labels for s, d in data.items()}, n_classes, cfg)
     teacher_params += count_parameters(heads)
     tokenizer_name = cfg.TOKENIZER or cfg.TEXT_TEACHER
-    token_kd = cfg.TOKEN_KD > 0 and "text" in teacher and tokenizer_name == cfg.TEXT_TEACHER
-    if cfg.TOKEN_KD > 0 and not token_kd:
-        print("token distillation: off, since the student does not read with the text teacher's tokenizer")
-    if token_kd:
+    if cfg.TOKEN_KD > 0:
+        if "text" not in teacher or tokenizer_name != cfg.TEXT_TEACHER:
+            fail("TOKEN_KD needs a TEXT_TEACHER whose tokenizer the student reads with (TOKENIZER None); set it to 0")
         targets = token_targets({"train": [s["text"] for s in splits["train"]],
                                  "case_texts": [t["text"] for t in case_texts]}, teacher, cfg, device, amp)
         features["train"]["tokens"] = targets["train"]
@@ -2252,7 +2251,7 @@ def run(cfg, argv: list[str], device: torch.device) -> dict:
         data["train"].case_texts = CaseTexts(*tokenize(tokenizer, [t["text"] for t in case_texts], cfg.MAX_TOKENS, vocab),
                                              encode_labels(case_texts, "location", names["location"], "train"),
                                              teacher_logits.pop("case_texts")[TASKS.index("location")],
-                                             {"tokens": features["case_texts"]["tokens"]} if token_kd else {})
+                                             {"tokens": features["case_texts"]["tokens"]} if cfg.TOKEN_KD > 0 else {})
     data = {split: dataclasses.replace(d, teacher=teacher_logits[split], features=features[split]).to(device)
             for split, d in data.items()}
     metrics = {"teacher": {s: summary(evaluate_logits(teacher_logits[s], data[s], names)) for s in data}}
