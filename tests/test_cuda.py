@@ -93,7 +93,7 @@ def test_a_training_epoch_does_not_wait_for_the_gpu(lvm, amp):
                      (torch.randint(0, 2, (n,)), torch.randint(0, 5, (n,))), (torch.randn(n, 2), torch.randn(n, 5)),
                      dict(image=torch.randn(n, 32), text=torch.randn(n, 48))).to(CUDA)
     cfg = lvm.parse_config([])
-    adapters = lvm.feature_adapters(student, data.features, lvm.feature_weights(cfg)).to(CUDA)
+    adapters = lvm.feature_adapters(student, data.features).to(CUDA)
     optimizer = lvm.adamw([*student.parameters(), *adapters.parameters()], 1e-3, 0.05, CUDA)
     ema, scaler = lvm.MovingAverage(student, 0.99), lvm.grad_scaler(CUDA, amp)
     generator = torch.Generator().manual_seed(0)
