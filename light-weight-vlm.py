@@ -105,10 +105,6 @@ KD_TEMPERATURE = 4.0
 LABEL_SMOOTHING = 0.1
 FEATURE_KD = 3.0  # weight of the feature term: cosine distance of the student's image and text vectors,
 # through a linear adapter each, to the teacher's features of the same tower (0: off)
-TOKEN_KD = 0.0  # weight of the per-token term: cosine distance of the LSTM's output at each token, through a linear
-# adapter, to the text teacher's last hidden state of the same token, reduced by PCA (0: off; the student's tokenizer
-# must be the teacher's)
-TOKEN_KD_DIM = 64  # PCA components of the teacher's token states, fitted on the train inputs' tokens
 # extra text-only location samples: each train case gives one per group of its Case fields (joined), read with the
 # image vector zeroed; never model input, never from dev or test. (): none
 CASE_TEXTS = (("Title", "Findings"), ("Discussion",), ("Case Diagnosis", "Differential Diagnosis"))
@@ -208,11 +204,10 @@ def parse_config(argv: list[str]) -> argparse.Namespace:
 def config_ranges(cfg: dict) -> list[tuple[str, bool, str]]:
     positive = ("IMAGE_SIZE", "MAX_TOKENS", "TEACHER_BATCH_SIZE", "HEAD_HIDDEN", "HEAD_EPOCHS", "HEAD_PATIENCE",
                 "HEAD_LR", "EMBED_DIM", "CASE_TEXT_MIN_COUNT", "LSTM_HIDDEN", "FUSION_DIM", "KD_TEMPERATURE", "EPOCHS",
-                "TOKEN_KD_DIM",
                 "BATCH_SIZE", "GRAD_ACCUM_STEPS", "LR", "GRAD_CLIP", "PRUNE_LR", "CALIBRATION_IMAGES", "SPEED_REPEATS")
     fractions = ("DROPOUT", "TEXT_DROPOUT", "LABEL_SMOOTHING", "BACKBONE_LR")
     counts = ("WARMUP_EPOCHS", "FREEZE_EPOCHS", "PRUNE_FINETUNE_EPOCHS", "WEIGHT_DECAY", "FEATURE_KD", "IMAGE_ONLY_LOSS",
-              "CASE_TEXT_LOSS", "TOKEN_KD")
+              "CASE_TEXT_LOSS")
     channels, alpha, groups = cfg["CNN_CHANNELS"], cfg["KD_ALPHA"], cfg["CASE_TEXTS"]
     smallest = 2 ** len(channels)  # each from-scratch CNN block halves the side, and the last must keep a pixel
     return ([(k, cfg[k] > 0, "> 0") for k in positive] + [(k, 0 <= cfg[k] <= 1, "in [0, 1]") for k in fractions] +
@@ -604,17 +599,14 @@ def decode_all(paths: dict[str, str], size: int, skipped: Counter) -> dict[str, 
 
 @dataclasses.dataclass
 class CaseTexts:
-    """Text-only training samples from train cases (CASE_TEXTS): they teach the location task, and with TOKEN_KD
-    the text reader token by token."""
+    """Text-only training samples from train cases (CASE_TEXTS): they teach the location task only."""
     ids: torch.Tensor  # the student's token ids, N x MAX_TOKENS
     mask: torch.Tensor
     location: torch.Tensor  # the case's location class
     teacher: torch.Tensor  # the teacher's location logits on the text
-    features: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # 'tokens' with TOKEN_KD, as in Split
 
     def to(self, device: torch.device) -> "CaseTexts":
-        return CaseTexts(self.ids.to(device), self.mask.to(device), self.location.to(device), self.teacher.to(device),
-                         {part: f.to(device) for part, f in self.features.items()})
+        return CaseTexts(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
 
 
 @dataclasses.dataclass
@@ -625,8 +617,7 @@ class Split:
     mask: torch.Tensor  # 1 for a real token, 0 for padding
     labels: tuple[torch.Tensor, ...] = ()  # class index per task (TASKS order)
     teacher: tuple[torch.Tensor, ...] = ()  # the teacher's logits per task
-    features: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # the teacher's features per tower
-    # ('image', 'text'), and its reduced state per token ('tokens', N x MAX_TOKENS x TOKEN_KD_DIM, zero where none)
+    features: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # teacher backbone features per tower
     case_texts: CaseTexts | None = None  # train only: the extra text-only samples of CASE_TEXTS
 
     def to(self, device: torch.device) -> "Split":
@@ -701,30 +692,13 @@ def image_features(teacher: dict, images: torch.Tensor, device: torch.device, am
     return (out if torch.is_tensor(out) else out.pooler_output).float().cpu()  # transformers 5: an output object
 
 
-def text_hidden(model, tokenizer, texts: list[str], max_tokens: int, device: torch.device,
-                amp: torch.dtype | None) -> tuple[torch.Tensor, dict]:
-    """The text tower's last hidden states (N x T x H, fp32) and its tokenizer's batch, with the special tokens' mask."""
-    batch = tokenizer(texts, max_length=max_tokens, truncation=True, padding=True, return_special_tokens_mask=True,
-                      return_tensors="pt").to(device)
-    with torch.no_grad(), autocast(device, amp):
-        hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    return hidden.float(), batch
-
-
 def text_features(model, tokenizer, texts: list[str], max_tokens: int, device: torch.device,
                   amp: torch.dtype | None) -> torch.Tensor:
-    hidden, batch = text_hidden(model, tokenizer, texts, max_tokens, device, amp)
+    batch = tokenizer(texts, max_length=max_tokens, truncation=True, padding=True, return_tensors="pt").to(device)
+    with torch.no_grad(), autocast(device, amp):
+        hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     mask = batch["attention_mask"][..., None].float()
-    return ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu()  # mean over real tokens
-
-
-def token_states(model, tokenizer, texts: list[str], max_tokens: int, device: torch.device,
-                 amp: torch.dtype | None) -> list[torch.Tensor]:
-    """Each text's hidden states of its own tokens, without the special ones ([CLS], [SEP]), in fp16: the tokens
-    the student reads, in its order (the same tokenizer, without special tokens)."""
-    hidden, batch = text_hidden(model, tokenizer, texts, max_tokens, device, amp)
-    own = (batch["attention_mask"] == 1) & (batch["special_tokens_mask"] == 0)
-    return [h[keep].half().cpu() for h, keep in zip(hidden, own)]
+    return ((hidden.float() * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu()  # mean over real tokens
 
 
 def batched_features(keys: list[str], inputs: dict, extract: Callable, batch_size: int, desc: str) -> dict:
@@ -778,34 +752,6 @@ def case_text_features(texts: list[dict], train: list[dict], train_features: dic
         parts["image"] = torch.stack([train_features["image"][rows[t["case"]]].mean(0) for t in texts])
     text_tower = {k: v for k, v in teacher.items() if k not in ("vision", "processor")}
     return parts | (teacher_features(texts, text_tower, cfg, device, amp) if "text" in teacher else {})
-
-
-def token_targets(texts: dict[str, list[str]], teacher: dict, cfg, device: torch.device,
-                  amp: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """The targets of TOKEN_KD for each group of texts ('train': the train inputs, 'case_texts'): the text tower's
-    state of every token the student reads, cached by content like the features, reduced to TOKEN_KD_DIM by a PCA
-    fitted on the train inputs' tokens; N x MAX_TOKENS x TOKEN_KD_DIM in fp16, zero where the teacher has no token
-    (padding, and the last of a text that fills MAX_TOKENS, whose places the teacher's [CLS] and [SEP] take)."""
-    model, tokenizer = teacher["text"].to(device), teacher["tokenizer"]
-    by_key = {sha256(t): t for group in texts.values() for t in group}
-    key = settings_key(model=model_identity(cfg.TEXT_TEACHER), max_tokens=cfg.MAX_TOKENS, states="last-own-tokens",
-                       precision=f"{device.type}-{amp_name(amp)}")
-    store = cached(Path(cfg.CACHE_DIR) / f"tokens-{key}.pt", list(by_key), lambda keys: batched_features(
-        keys, by_key, lambda x: token_states(model, tokenizer, x, cfg.MAX_TOKENS, device, amp),
-        cfg.TEACHER_BATCH_SIZE, "teacher token states"), shard=True)
-    fitted = torch.cat([store[sha256(t)] for t in texts["train"]]).float().numpy()
-    if len(fitted) < cfg.TOKEN_KD_DIM:
-        fail(f"TOKEN_KD_DIM={cfg.TOKEN_KD_DIM} is more than the {len(fitted)} tokens of the train inputs")
-    pca = PCA(n_components=cfg.TOKEN_KD_DIM, random_state=0).fit(fitted)
-    targets = {}
-    for group, group_texts in texts.items():
-        out = torch.zeros(len(group_texts), cfg.MAX_TOKENS, cfg.TOKEN_KD_DIM, dtype=torch.float16)
-        for i, text in enumerate(group_texts):
-            states = store[sha256(text)]
-            if len(states):
-                out[i, :len(states)] = torch.from_numpy(pca.transform(states.float().numpy())).half()
-        targets[group] = out
-    return targets
 
 
 def teacher_heads(in_dim: int, n_modality: int, n_location: int, hidden: int) -> nn.Module:
@@ -945,7 +891,7 @@ class Student(nn.Module):
         self.image_size = image_size
         self.embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
         self.lstm = nn.LSTM(embed_dim, lstm_hidden, batch_first=True, bidirectional=True)
-        self.widths = dict(image=width, text=2 * lstm_hidden, tokens=2 * lstm_hidden)  # of what embed() returns
+        self.widths = dict(image=width, text=2 * lstm_hidden)  # of the vectors that embed() returns
         # one linear layer over the image and text vectors, as two: int8 then quantizes each vector on its own scale
         # (a pretrained encoder's image vector spans ten times the text's range, which would leave the text a few steps)
         self.image_projection = nn.Linear(width, fusion_dim)
@@ -962,13 +908,12 @@ class Student(nn.Module):
                 part.eval()
         return self
 
-    def read_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    lengths: torch.Tensor | None = None) -> dict:
-        """The LSTM's output at every token ('tokens', N x T x 2 lstm_hidden, zero at padding) and their mean over
-        the real tokens ('text'; zero for an empty text). The LSTM runs in fp32 under any autocast (it is tiny,
-        and cuDNN would run it in fp16 whatever the autocast dtype). lengths: attention_mask.sum(1) on the CPU in
-        decreasing order, where the caller has it so (training sorts each batch): packing needs the lengths on
-        the CPU, and fetching them from the GPU would stall every step."""
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean of the LSTM outputs over the real tokens only; zero for an empty text. The LSTM runs in fp32
+        under any autocast (it is tiny, and cuDNN would run it in fp16 whatever the autocast dtype). lengths:
+        attention_mask.sum(1) on the CPU in decreasing order, where the caller has it so (training sorts each
+        batch): packing needs the lengths on the CPU, and fetching them from the GPU would stall every step."""
         ordered = lengths is not None
         lengths = lengths if ordered else attention_mask.sum(1).cpu()
         with torch.autocast(input_ids.device.type, enabled=False):
@@ -976,14 +921,11 @@ class Student(nn.Module):
                                           enforce_sorted=ordered)
             out, _ = pad_packed_sequence(self.lstm(packed)[0], batch_first=True, total_length=input_ids.shape[1])
         mask = attention_mask[..., None].to(out.dtype)
-        return dict(text=(out * mask).sum(1) / mask.sum(1).clamp(min=1), tokens=out * mask)
-
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.read_tokens(input_ids, attention_mask)["text"]
+        return (out * mask).sum(1) / mask.sum(1).clamp(min=1)
 
     def embed(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
               lengths: torch.Tensor | None = None) -> dict:
-        return dict(image=self.cnn(images), **self.read_tokens(input_ids, attention_mask, lengths))
+        return dict(image=self.cnn(images), text=self.encode_text(input_ids, attention_mask, lengths))
 
     def classify(self, vectors: dict) -> tuple[torch.Tensor, torch.Tensor]:
         fused = self.fusion(self.image_projection(vectors["image"]) + self.text_projection(vectors["text"]))
@@ -1100,39 +1042,26 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return (1 - alpha) * ce + alpha * temperature ** 2 * kl
 
 
-def feature_loss(adapted: dict, targets: dict, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per part ('image', 'text', 'tokens'): the mean cosine distance between the student's vectors, mapped by
-    their adapter (adapted), and the teacher's (targets). 'text' only where the sample still has text (mask: the
-    attention mask after text dropout), 'tokens' only where the student reads a token and the teacher has one. A part
-    without a target is left out."""
-    has_text = (mask.sum(1) > 0).float()
-    losses = {}
-    for part, vector in adapted.items():
-        if part not in targets:
-            continue
-        target = targets[part].float()
-        distance = 1 - F.cosine_similarity(vector, target, dim=-1)
-        keep = mask * target.ne(0).any(-1) if part == "tokens" else has_text if part == "text" else torch.ones_like(has_text)
-        keep = keep.float()
-        losses[part] = (distance * keep).sum() / keep.sum().clamp(min=1)  # no host sync: no boolean indexing
-    return losses
+def feature_loss(adapted: dict, teacher_vectors: dict, has_text: torch.Tensor) -> torch.Tensor:
+    """Mean cosine distance between each student tower's vector, mapped by its adapter (adapted), and the
+    teacher's feature of the same tower; text only where the sample still has text."""
+    losses = []
+    for tower, vector in adapted.items():
+        distance = 1 - F.cosine_similarity(vector, teacher_vectors[tower], dim=1)
+        keep = (has_text if tower == "text" else torch.ones_like(has_text)).float()
+        losses.append((distance * keep).sum() / keep.sum().clamp(min=1))  # no host sync: no boolean indexing
+    return sum(losses)
 
 
-def feature_adapters(student: Student, features: dict, weights: dict[str, float]) -> nn.ModuleDict:
-    """Linear maps from the student's vectors to the teacher's feature widths, for the parts of features whose
-    weight is above 0 (training only)."""
-    return nn.ModuleDict({part: nn.Linear(student.widths[part], f.shape[-1]) for part, f in features.items()
-                          if weights[part] > 0})
-
-
-def feature_weights(cfg) -> dict[str, float]:
-    return dict(image=cfg.FEATURE_KD, text=cfg.FEATURE_KD, tokens=cfg.TOKEN_KD)
+def feature_adapters(student: Student, features: dict) -> nn.ModuleDict:
+    """Linear maps from the student's image and text vectors to the teacher's feature widths (training only)."""
+    return nn.ModuleDict({tower: nn.Linear(student.widths[tower], f.shape[1]) for tower, f in features.items()})
 
 
 class Distiller(nn.Module):
     """The student and its feature adapters as one module whose forward returns everything the loss reads:
-    the logits, those with the text removed (with image_only), the adapted vectors, and the location logits and
-    adapted text vectors of a batch of case texts (or None). One module, because
+    the logits, those with the text removed (with image_only), the adapted vectors, and the location logits of a
+    batch of case texts (or None). One module, because
     DistributedDataParallel only synchronises the gradients of what its forward runs."""
 
     def __init__(self, student: Student, adapters: nn.ModuleDict, image_only: bool):
@@ -1141,24 +1070,20 @@ class Distiller(nn.Module):
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 lengths: torch.Tensor | None = None,
-                case_texts: tuple | None = None) -> tuple[list, dict, tuple | None]:
-        """case_texts: (ids, mask, lengths) of a batch of case texts, whose location logits and adapted text
-        vectors come last."""
+                case_texts: tuple | None = None) -> tuple[list, dict, torch.Tensor | None]:
+        """case_texts: (ids, mask, lengths) of a batch of case texts, whose location logits come last."""
         vectors = self.student.embed(images, input_ids, attention_mask, lengths)
         logits = [self.student.classify(vectors)]
         if self.image_only:
             logits.append(self.student.classify(dict(vectors, text=torch.zeros_like(vectors["text"]))))
-        adapted = self.adapt(vectors)
-        case = None
+        with torch.autocast(images.device.type, enabled=False):  # fp32, like the teacher's features
+            adapted = {tower: adapter(vectors[tower].float()) for tower, adapter in self.adapters.items()}
+        case_logits = None
         if case_texts is not None:
-            read = self.student.read_tokens(*case_texts)
-            no_image = read["text"].new_zeros(len(read["text"]), self.student.widths["image"])
-            case = self.student.classify(dict(read, image=no_image))[1], self.adapt(read)
-        return logits, adapted, case
-
-    def adapt(self, vectors: dict) -> dict:
-        with torch.autocast(vectors["text"].device.type, enabled=False):  # fp32, like the teacher's features
-            return {part: adapter(vectors[part].float()) for part, adapter in self.adapters.items() if part in vectors}
+            text = self.student.encode_text(*case_texts)
+            no_image = text.new_zeros(len(text), self.student.widths["image"])
+            case_logits = self.student.classify(dict(image=no_image, text=text))[1]
+        return logits, adapted, case_logits
 
 
 # -----------------------------------------------------------------------------
@@ -1243,7 +1168,6 @@ def train_epoch(model: nn.Module, data: Split, optimizer, scheduler, scaler, cfg
         text_rows = to_device(torch.cat([rows for rows, _ in plan["texts"]]), device).split(
             [len(rows) for rows, _ in plan["texts"]])
     starts = range(0, len(order), cfg.BATCH_SIZE)
-    weights = feature_weights(cfg)
     total = torch.zeros((), device=device)
     optimizer.zero_grad(set_to_none=True)
     for step, start in enumerate(progress(starts, "train"), 1):
@@ -1262,19 +1186,17 @@ def train_epoch(model: nn.Module, data: Split, optimizer, scheduler, scaler, cfg
         step_now = step % cfg.GRAD_ACCUM_STEPS == 0 or step == len(starts)
         with model.no_sync() if distributed and not step_now else nullcontext():  # gradients meet at the step only
             with autocast(device, amp):
-                logits, adapted, case = model(images, data.ids[idx], mask, plan["lengths"][batch], case_batch)
+                logits, adapted, case_logits = model(images, data.ids[idx], mask, plan["lengths"][batch], case_batch)
                 loss = task_loss(logits[0])
                 if len(logits) > 1:
                     loss = loss + cfg.IMAGE_ONLY_LOSS * task_loss(logits[1])
-                if case is not None:
+                if case_logits is not None:
                     loss = loss + cfg.CASE_TEXT_LOSS * distillation_loss(
-                        case[0], *case_targets, cfg.KD_ALPHA[TASKS.index("location")], cfg.KD_TEMPERATURE,
+                        case_logits, *case_targets, cfg.KD_ALPHA[TASKS.index("location")], cfg.KD_TEMPERATURE,
                         cfg.LABEL_SMOOTHING)
-            parts = feature_loss(adapted, {part: f[idx] for part, f in data.features.items()}, mask)
-            if case is not None:
-                case_parts = feature_loss(case[1], {part: f[rows] for part, f in texts.features.items()}, case_batch[1])
-                parts = {part: parts[part] + case_parts.get(part, 0) for part in parts}
-            loss = loss + sum(weights[part] * value for part, value in parts.items())
+            if adapted:
+                teacher_vectors = {tower: f[idx] for tower, f in data.features.items()}
+                loss = loss + cfg.FEATURE_KD * feature_loss(adapted, teacher_vectors, mask.sum(1) > 0)
             scaler.scale(loss / cfg.GRAD_ACCUM_STEPS).backward()
         if step_now:
             scaler.unscale_(optimizer)
@@ -1431,8 +1353,8 @@ def train_student(student: nn.Module, data: dict[str, Split], cfg, names: dict, 
     from transformers import get_cosine_schedule_with_warmup
     log_dir, results = Path(cfg.LOG_DIR), Path(cfg.RESULTS_DIR)
     rank, world = rank_and_world()
-    adapters = feature_adapters(student, data["train"].features, feature_weights(cfg)).to(device)
-    distiller = Distiller(student, adapters, cfg.IMAGE_ONLY_LOSS > 0)
+    adapters = feature_adapters(student, data["train"].features).to(device)
+    distiller = Distiller(student, adapters if cfg.FEATURE_KD > 0 else nn.ModuleDict(), cfg.IMAGE_ONLY_LOSS > 0)
     pretrained = pretrained_parameters(student, backbone_weights(cfg) is not None)
     slow = set(pretrained[1:])  # a pretrained image encoder learns at BACKBONE_LR x LR
     groups = [dict(params=[p for p in [*student.parameters(), *adapters.parameters()]
@@ -2238,20 +2160,10 @@ def run(cfg, argv: list[str], device: torch.device) -> dict:
     heads, teacher_logits = train_teacher_heads({s: torch.cat(list(f.values()), dim=1) for s, f in features.items()},
                                                 {s: d.labels for s, d in data.items()}, n_classes, cfg)
     teacher_params += count_parameters(heads)
-    tokenizer_name = cfg.TOKENIZER or cfg.TEXT_TEACHER
-    if cfg.TOKEN_KD > 0:
-        if "text" not in teacher or tokenizer_name != cfg.TEXT_TEACHER:
-            fail("TOKEN_KD needs a TEXT_TEACHER whose tokenizer the student reads with (TOKENIZER None); set it to 0")
-        targets = token_targets({"train": [s["text"] for s in splits["train"]],
-                                 "case_texts": [t["text"] for t in case_texts]}, teacher, cfg, device, amp)
-        features["train"]["tokens"] = targets["train"]
-        if case_texts:
-            features["case_texts"]["tokens"] = targets["case_texts"]
     if case_texts:
         data["train"].case_texts = CaseTexts(*tokenize(tokenizer, [t["text"] for t in case_texts], cfg.MAX_TOKENS, vocab),
                                              encode_labels(case_texts, "location", names["location"], "train"),
-                                             teacher_logits.pop("case_texts")[TASKS.index("location")],
-                                             {"tokens": features["case_texts"]["tokens"]} if cfg.TOKEN_KD > 0 else {})
+                                             teacher_logits.pop("case_texts")[TASKS.index("location")])
     data = {split: dataclasses.replace(d, teacher=teacher_logits[split], features=features[split]).to(device)
             for split, d in data.items()}
     metrics = {"teacher": {s: summary(evaluate_logits(teacher_logits[s], data[s], names)) for s in data}}
@@ -2271,6 +2183,7 @@ def run(cfg, argv: list[str], device: torch.device) -> dict:
     if cfg.BACKBONE_STAGES:
         print(f"student image encoder: EfficientNet-Lite0's stem and first {cfg.BACKBONE_STAGES} stages, "
               f"{'weights ' + weights if weights else 'random weights'}")
+    tokenizer_name = cfg.TOKENIZER or cfg.TEXT_TEACHER
     if cfg.PCA_EMBEDDING and "text" in teacher and tokenizer_name == cfg.TEXT_TEACHER:
         with torch.no_grad():
             student.embedding.weight.copy_(pca_embedding(teacher["text"].get_input_embeddings().weight,

@@ -48,9 +48,6 @@ ROWS = {  # the default, the default without one of its parts, and settings prob
     "image-only-loss-2": ["--IMAGE_ONLY_LOSS", "2.0"],
     "lr-4e-3": ["--LR", "0.004"],
     "ema-0.998": ["--EMA_DECAY", "0.998"],
-    "token-kd": ["--TOKEN_KD", "1.0"],  # the LSTM's output at each token distilled from the teacher's state there
-    "token-kd-3": ["--TOKEN_KD", "3.0"],
-    "wide-text": ["--EMBED_DIM", "128", "--LSTM_HIDDEN", "128", "--TOKEN_KD", "1.0"],
 }
 COLUMNS = ("modality_acc", "location_acc", "modality_f1", "location_f1")
 PARTS = {"": lambda m: m["student"]["dev"], ", image only": lambda m: m["student"]["dev"]["image_only"],
