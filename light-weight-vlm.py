@@ -97,8 +97,6 @@ LSTM_HIDDEN = 96  # per direction; the text vector is the masked mean of both di
 FUSION_DIM = 256  # width of the fused image + text layer in front of the two heads
 DROPOUT = 0.2
 TEXT_DROPOUT = 0.5  # fraction of training samples whose whole text is removed
-TEXT_ONLY_LOSS = 0.0  # weight of the same loss computed again with the image vector zeroed, on the samples that keep
-# their text, so that the text path learns to decide alone too (0: off)
 IMAGE_ONLY_LOSS = 1.0  # weight of the same loss computed again with every text removed, so that the image path
 # learns to decide alone (0: off)
 # distillation: loss = (1 - KD_ALPHA) * CE + KD_ALPHA * T^2 * KL, per task
@@ -208,7 +206,7 @@ def config_ranges(cfg: dict) -> list[tuple[str, bool, str]]:
                 "HEAD_LR", "EMBED_DIM", "CASE_TEXT_MIN_COUNT", "LSTM_HIDDEN", "FUSION_DIM", "KD_TEMPERATURE", "EPOCHS",
                 "BATCH_SIZE", "GRAD_ACCUM_STEPS", "LR", "GRAD_CLIP", "PRUNE_LR", "CALIBRATION_IMAGES", "SPEED_REPEATS")
     fractions = ("DROPOUT", "TEXT_DROPOUT", "LABEL_SMOOTHING", "BACKBONE_LR")
-    counts = ("WARMUP_EPOCHS", "FREEZE_EPOCHS", "PRUNE_FINETUNE_EPOCHS", "WEIGHT_DECAY", "FEATURE_KD", "IMAGE_ONLY_LOSS", "TEXT_ONLY_LOSS",
+    counts = ("WARMUP_EPOCHS", "FREEZE_EPOCHS", "PRUNE_FINETUNE_EPOCHS", "WEIGHT_DECAY", "FEATURE_KD", "IMAGE_ONLY_LOSS",
               "CASE_TEXT_LOSS")
     channels, alpha, groups = cfg["CNN_CHANNELS"], cfg["KD_ALPHA"], cfg["CASE_TEXTS"]
     smallest = 2 ** len(channels)  # each from-scratch CNN block halves the side, and the last must keep a pixel
@@ -1034,17 +1032,14 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-                      alpha: float, temperature: float, label_smoothing: float = 0.0,
-                      weights: torch.Tensor | None = None) -> torch.Tensor:
-    """(1 - alpha) * CE(labels) + alpha * T^2 * KL(teacher_T || student_T), averaged over the samples (weighted by
-    weights, where given); T^2 keeps the soft term's gradient on the scale of the hard term's as T grows (Hinton et
-    al., 2015)."""
+                      alpha: float, temperature: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """(1 - alpha) * CE(labels) + alpha * T^2 * KL(teacher_T || student_T); T^2 keeps the soft
+    term's gradient on the scale of the hard term's as T grows (Hinton et al., 2015)."""
     student_logits, teacher_logits = student_logits.float(), teacher_logits.float()
-    ce = F.cross_entropy(student_logits, labels, label_smoothing=label_smoothing, reduction="none")
+    ce = F.cross_entropy(student_logits, labels, label_smoothing=label_smoothing)
     kl = F.kl_div(F.log_softmax(student_logits / temperature, dim=1), F.log_softmax(teacher_logits / temperature, dim=1),
-                  reduction="none", log_target=True).sum(1)
-    weights = torch.ones_like(ce) if weights is None else weights.float()
-    return (((1 - alpha) * ce + alpha * temperature ** 2 * kl) * weights).sum() / weights.sum().clamp(min=1)
+                  reduction="batchmean", log_target=True)
+    return (1 - alpha) * ce + alpha * temperature ** 2 * kl
 
 
 def feature_loss(adapted: dict, teacher_vectors: dict, has_text: torch.Tensor) -> torch.Tensor:
@@ -1065,26 +1060,22 @@ def feature_adapters(student: Student, features: dict) -> nn.ModuleDict:
 
 class Distiller(nn.Module):
     """The student and its feature adapters as one module whose forward returns everything the loss reads:
-    the logits per view, the adapted vectors, and the location logits of a batch of case texts (or None). One
-    module, because
+    the logits, those with the text removed (with image_only), the adapted vectors, and the location logits of a
+    batch of case texts (or None). One module, because
     DistributedDataParallel only synchronises the gradients of what its forward runs."""
 
-    def __init__(self, student: Student, adapters: nn.ModuleDict, image_only: bool, text_only: bool = False):
+    def __init__(self, student: Student, adapters: nn.ModuleDict, image_only: bool):
         super().__init__()
-        self.student, self.adapters, self.image_only, self.text_only = student, adapters, image_only, text_only
+        self.student, self.adapters, self.image_only = student, adapters, image_only
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 lengths: torch.Tensor | None = None,
-                case_texts: tuple | None = None) -> tuple[dict, dict, torch.Tensor | None]:
-        """The logits per view: 'fused', 'image_only' (the text vector zeroed, with image_only) and 'text_only' (the
-        image vector zeroed, with text_only); case_texts: (ids, mask, lengths) of a batch of case texts, whose
-        location logits come last."""
+                case_texts: tuple | None = None) -> tuple[list, dict, torch.Tensor | None]:
+        """case_texts: (ids, mask, lengths) of a batch of case texts, whose location logits come last."""
         vectors = self.student.embed(images, input_ids, attention_mask, lengths)
-        logits = dict(fused=self.student.classify(vectors))
+        logits = [self.student.classify(vectors)]
         if self.image_only:
-            logits["image_only"] = self.student.classify(dict(vectors, text=torch.zeros_like(vectors["text"])))
-        if self.text_only:
-            logits["text_only"] = self.student.classify(dict(vectors, image=torch.zeros_like(vectors["image"])))
+            logits.append(self.student.classify(dict(vectors, text=torch.zeros_like(vectors["text"]))))
         with torch.autocast(images.device.type, enabled=False):  # fp32, like the teacher's features
             adapted = {tower: adapter(vectors[tower].float()) for tower, adapter in self.adapters.items()}
         case_logits = None
@@ -1177,7 +1168,6 @@ def train_epoch(model: nn.Module, data: Split, optimizer, scheduler, scaler, cfg
         text_rows = to_device(torch.cat([rows for rows, _ in plan["texts"]]), device).split(
             [len(rows) for rows, _ in plan["texts"]])
     starts = range(0, len(order), cfg.BATCH_SIZE)
-    views = dict(fused=1.0, image_only=cfg.IMAGE_ONLY_LOSS, text_only=cfg.TEXT_ONLY_LOSS)
     total = torch.zeros((), device=device)
     optimizer.zero_grad(set_to_none=True)
     for step, start in enumerate(progress(starts, "train"), 1):
@@ -1186,9 +1176,8 @@ def train_epoch(model: nn.Module, data: Split, optimizer, scheduler, scaler, cfg
         images = augment_images(data.images[idx], draws[batch])
         mask = data.mask[idx] * keep_text[batch, None]  # whole-text dropout
         targets = [(t[idx], y[idx]) for t, y in zip(data.teacher, data.labels)]
-        task_loss = lambda logits, keep=None: sum(distillation_loss(lg, t, y, alpha, cfg.KD_TEMPERATURE,
-                                                                    cfg.LABEL_SMOOTHING, keep)
-                                                  for lg, (t, y), alpha in zip(logits, targets, cfg.KD_ALPHA))
+        task_loss = lambda logits: sum(distillation_loss(lg, t, y, alpha, cfg.KD_TEMPERATURE, cfg.LABEL_SMOOTHING)
+                                       for lg, (t, y), alpha in zip(logits, targets, cfg.KD_ALPHA))
         case_batch = case_targets = None
         if texts is not None and len(plan["texts"][step - 1][0]):
             rows, text_lengths = text_rows[step - 1], plan["texts"][step - 1][1]
@@ -1198,8 +1187,9 @@ def train_epoch(model: nn.Module, data: Split, optimizer, scheduler, scaler, cfg
         with model.no_sync() if distributed and not step_now else nullcontext():  # gradients meet at the step only
             with autocast(device, amp):
                 logits, adapted, case_logits = model(images, data.ids[idx], mask, plan["lengths"][batch], case_batch)
-                loss = sum(views[view] * task_loss(lg, mask.sum(1) > 0 if view == "text_only" else None)
-                           for view, lg in logits.items())  # text only: on the samples that keep their text
+                loss = task_loss(logits[0])
+                if len(logits) > 1:
+                    loss = loss + cfg.IMAGE_ONLY_LOSS * task_loss(logits[1])
                 if case_logits is not None:
                     loss = loss + cfg.CASE_TEXT_LOSS * distillation_loss(
                         case_logits, *case_targets, cfg.KD_ALPHA[TASKS.index("location")], cfg.KD_TEMPERATURE,
@@ -1364,8 +1354,7 @@ def train_student(student: nn.Module, data: dict[str, Split], cfg, names: dict, 
     log_dir, results = Path(cfg.LOG_DIR), Path(cfg.RESULTS_DIR)
     rank, world = rank_and_world()
     adapters = feature_adapters(student, data["train"].features).to(device)
-    distiller = Distiller(student, adapters if cfg.FEATURE_KD > 0 else nn.ModuleDict(), cfg.IMAGE_ONLY_LOSS > 0,
-                          cfg.TEXT_ONLY_LOSS > 0)
+    distiller = Distiller(student, adapters if cfg.FEATURE_KD > 0 else nn.ModuleDict(), cfg.IMAGE_ONLY_LOSS > 0)
     pretrained = pretrained_parameters(student, backbone_weights(cfg) is not None)
     slow = set(pretrained[1:])  # a pretrained image encoder learns at BACKBONE_LR x LR
     groups = [dict(params=[p for p in [*student.parameters(), *adapters.parameters()]
@@ -1672,7 +1661,7 @@ def compress(student: nn.Module, data: dict[str, Split], cfg, meta: dict, device
     optimizer = adamw([p for p in student.parameters() if p.requires_grad], cfg.PRUNE_LR, cfg.WEIGHT_DECAY, device)
     scaler, generator = grad_scaler(device, amp), torch.Generator().manual_seed(cfg.SEED + 1)
     pruned = best = check("pruned", 0) | dict(epoch=0, state=copy.deepcopy(student.state_dict()))
-    distiller = Distiller(student, nn.ModuleDict(), cfg.IMAGE_ONLY_LOSS > 0, cfg.TEXT_ONLY_LOSS > 0)  # no features
+    distiller = Distiller(student, nn.ModuleDict(), cfg.IMAGE_ONLY_LOSS > 0)  # no feature term in the recovery
     for epoch in range(1, cfg.PRUNE_FINETUNE_EPOCHS + 1):
         train_epoch(distiller, data["train"], optimizer, None, scaler, cfg, device, amp, generator)
         result = check("recovery", epoch)

@@ -48,7 +48,6 @@ ROWS = {  # the default, the default without one of its parts, and settings prob
     "image-only-loss-2": ["--IMAGE_ONLY_LOSS", "2.0"],
     "lr-4e-3": ["--LR", "0.004"],
     "ema-0.998": ["--EMA_DECAY", "0.998"],
-    "text-only-loss": ["--TEXT_ONLY_LOSS", "1.0"],  # the text path trained to decide alone, as the image path is
 }
 COLUMNS = ("modality_acc", "location_acc", "modality_f1", "location_f1")
 PARTS = {"": lambda m: m["student"]["dev"], ", image only": lambda m: m["student"]["dev"]["image_only"],

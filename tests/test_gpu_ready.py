@@ -155,17 +155,16 @@ def training_loop_frame_line(script: str) -> int | None:
 
 
 def test_a_bf16_training_step_reads_nothing_back_and_copies_nothing_to_the_device(lvm):
-    """On the CPU under bf16 autocast, with every branch a GPU step takes (case texts, image-only and text-only
-    losses, feature distillation, EMA): no call from the script's code inside the step's loop that would sync or
-    copy on a GPU."""
+    """On the CPU under bf16 autocast, with every branch a GPU step takes (case texts, image-only loss, feature
+    distillation, EMA): no call from the script's code inside the step's loop that would sync or copy on a GPU."""
     torch.manual_seed(0)
     data = tiny_split(lvm, n=64, size=32)
     data.case_texts, data.features = case_texts(lvm, n=30), dict(image=torch.randn(64, 12), text=torch.randn(64, 10))
     student = lvm.Student(vocab_size=50, pad_id=0, n_modality=2, n_location=5, image_size=32, backbone_stages=5)
     adapters = lvm.feature_adapters(student, data.features)
-    cfg, cpu = lvm.parse_config(["--BATCH_SIZE", "16", "--TEXT_ONLY_LOSS", "1.0"]), torch.device("cpu")
+    cfg, cpu = lvm.parse_config(["--BATCH_SIZE", "16"]), torch.device("cpu")
     optimizer = torch.optim.AdamW([*student.parameters(), *adapters.parameters()], fused=True)  # as adamw() on a GPU
-    distiller = lvm.Distiller(student, adapters, image_only=True, text_only=True)
+    distiller = lvm.Distiller(student, adapters, image_only=True)
     source, start = inspect.getsourcelines(lvm.train_epoch)
     loop = next(n for n in ast.walk(ast.parse("".join(source).strip() + "\n")) if isinstance(n, ast.For))
     inside = range(start + loop.lineno - 1, start + loop.end_lineno)
