@@ -931,6 +931,12 @@ class Student(nn.Module):
         fused = self.fusion(self.image_projection(vectors["image"]) + self.text_projection(vectors["text"]))
         return self.modality_head(fused), self.location_head(fused)
 
+    def classify_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text read alone: the image vector set to zero, as the case-text samples are trained."""
+        text = self.encode_text(input_ids, attention_mask, lengths)
+        return self.classify(dict(image=text.new_zeros(len(text), self.widths["image"]), text=text))
+
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         return self.classify(self.embed(images, input_ids, attention_mask))
 
@@ -1080,9 +1086,7 @@ class Distiller(nn.Module):
             adapted = {tower: adapter(vectors[tower].float()) for tower, adapter in self.adapters.items()}
         case_logits = None
         if case_texts is not None:
-            text = self.student.encode_text(*case_texts)
-            no_image = text.new_zeros(len(text), self.student.widths["image"])
-            case_logits = self.student.classify(dict(image=no_image, text=text))[1]
+            case_logits = self.student.classify_text(*case_texts)[1]
         return logits, adapted, case_logits
 
 
@@ -1227,11 +1231,8 @@ def predict(model: nn.Module, data: Split, device: torch.device, batch_size: int
     outputs = []
     for idx in torch.arange(len(data.images)).split(batch_size):
         ids, mask = data.ids[idx].to(device), (data.mask[idx] if with_text else torch.zeros_like(data.mask[idx])).to(device)
-        if with_image:
-            logits = model(normalize(data.images[idx].to(device)), ids, mask)
-        else:
-            text = model.encode_text(ids, mask)
-            logits = model.classify(dict(image=text.new_zeros(len(text), model.widths["image"]), text=text))
+        logits = model(normalize(data.images[idx].to(device)), ids, mask) if with_image else \
+            model.classify_text(ids, mask)
         outputs.append([lg.float().cpu() for lg in logits])
     return tuple(torch.cat(parts) for parts in zip(*outputs))
 
