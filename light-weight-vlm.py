@@ -36,6 +36,7 @@ import json
 import math
 import os
 import random
+import re
 import secrets
 import shlex
 import signal
@@ -69,12 +70,16 @@ import predict as deployment  # noqa: E402  predict.py beside this file: its ima
 # -----------------------------------------------------------------------------
 # CONFIG: every constant can be overridden on the command line, e.g. --EPOCHS 3
 # data and outputs
-DATA_ROOT = "data/MedPix-2-0"  # MedPix 2.0 layout: images/<image>.png, splitted_dataset/*.jsonl
+DATA_ROOT = "data/MedPix-2-0"  # the MedPix 2.0 layout (images/<image>.png, splitted_dataset/*.jsonl), or a folder with a
+# manifest: train.csv, dev.csv and optionally test.csv (or .jsonl), a row per image with the columns image (its path,
+# relative to the folder or absolute), the TEXT_COLUMNS, one per task of TASKS, and optionally group (a case id)
+TASKS = ("modality", "location")  # label columns, a head each; MedPix 2.0's are modality, location and plane
+TEXT_COLUMNS = ("caption", "history")  # joined in this order into the input text; (): image only, no text path
 CACHE_DIR = "cache"  # decoded images and teacher features, keyed by content and settings
 LOG_DIR = "logs"  # teacher.csv, training_log.csv and per-epoch confusion matrices
 RESULTS_DIR = "results"  # model files, metrics.json, pictures and report.md
 IMAGE_SIZE = 112  # every image is decoded once and resized to IMAGE_SIZE x IMAGE_SIZE
-MAX_TOKENS = 128  # input text (Caption, then History) is truncated to this many tokens
+MAX_TOKENS = 128  # the input text is truncated to this many tokens
 # teacher: frozen backbones, features computed once per sample; small heads trained on them
 VISION_TEACHER = "openai/clip-vit-base-patch32"  # CLIP: hub id or local folder; or an EfficientNet-Lite0 weights file
 # (like BACKBONE_WEIGHTS, read at 224 px); None: no vision tower
@@ -100,15 +105,16 @@ TEXT_DROPOUT = 0.5  # fraction of training samples whose whole text is removed
 IMAGE_ONLY_LOSS = 1.0  # weight of the same loss computed again with every text removed, so that the image path
 # learns to decide alone (0: off)
 # distillation: loss = (1 - KD_ALPHA) * CE + KD_ALPHA * T^2 * KL, per task
-KD_ALPHA = (0.0, 0.5)  # per task (modality, location), each in [0, 1]; modality from labels alone (docs/experiments.md)
+KD_ALPHA = (0.0, 0.5)  # one per task of TASKS, each in [0, 1]; modality from labels alone (docs/experiments.md)
 KD_TEMPERATURE = 4.0
 LABEL_SMOOTHING = 0.1
 FEATURE_KD = 3.0  # weight of the feature term: cosine distance of the student's image and text vectors,
 # through a linear adapter each, to the teacher's features of the same tower (0: off)
-# extra text-only location samples: each train case gives one per group of its Case fields (joined), read with the
-# image vector zeroed; never model input, never from dev or test. (): none
+# MedPix 2.0 only, extra text-only samples: each train case gives one per group of its Case fields (joined), read with
+# the image vector zeroed, for the tasks whose label is the same in all images of every case (location); never model
+# input, never from dev or test. (): none
 CASE_TEXTS = (("Title", "Findings"), ("Discussion",), ("Case Diagnosis", "Differential Diagnosis"))
-CASE_TEXT_LOSS = 1.0  # weight of their location loss (0: off)
+CASE_TEXT_LOSS = 1.0  # weight of their loss (0: off)
 CASE_TEXT_MIN_COUNT = 2  # a token only the case texts hold gets an embedding row if seen this often, else reads as
 # unknown (the rows are most of the int8 file's bytes; 1: every token)
 # training
@@ -151,8 +157,6 @@ DEMO = dict(
 
 CONFIG_KEYS = [k for k, v in globals().items() if k.isupper() and isinstance(v, (int, float, str, tuple, type(None)))]
 SPLITS = ("train", "dev", "test")
-TASKS = ("modality", "location")
-REQUIRED_FIELDS = ("image", "Type", "U_id", "Location Category")
 MEDPIX_URL = "https://github.com/CHILab1/MedPix-2.0"
 NORM_MEAN, NORM_STD = 0.5, 0.5  # every channel: (pixel / 255 - 0.5) / 0.5, to [-1, 1] as EfficientNet-Lite0 was trained
 AMP_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -175,6 +179,8 @@ def setting_parser(key: str) -> Callable[[str], object]:
             value = text
         if isinstance(default, float) and type(value) is int:
             value = float(value)
+        if isinstance(default, tuple) and isinstance(value, str):  # --TASKS modality: a tuple of one
+            value = (value,)
         if type(value) is not type(default):
             raise argparse.ArgumentTypeError(f"expected a value like {default!r}, got {text!r}")
         return value
@@ -208,7 +214,10 @@ def config_ranges(cfg: dict) -> list[tuple[str, bool, str]]:
     fractions = ("DROPOUT", "TEXT_DROPOUT", "LABEL_SMOOTHING", "BACKBONE_LR")
     counts = ("WARMUP_EPOCHS", "FREEZE_EPOCHS", "PRUNE_FINETUNE_EPOCHS", "WEIGHT_DECAY", "FEATURE_KD", "IMAGE_ONLY_LOSS",
               "CASE_TEXT_LOSS")
-    channels, alpha, groups = cfg["CNN_CHANNELS"], cfg["KD_ALPHA"], cfg["CASE_TEXTS"]
+    channels, alpha, groups, tasks, texts = (cfg[k] for k in ("CNN_CHANNELS", "KD_ALPHA", "CASE_TEXTS", "TASKS",
+                                                               "TEXT_COLUMNS"))
+    names = lambda columns: all(isinstance(c, str) and re.fullmatch(r"[\w.-]+", c) for c in columns) and \
+        len(set(columns)) == len(columns)
     smallest = 2 ** len(channels)  # each from-scratch CNN block halves the side, and the last must keep a pixel
     return ([(k, cfg[k] > 0, "> 0") for k in positive] + [(k, 0 <= cfg[k] <= 1, "in [0, 1]") for k in fractions] +
             [(k, cfg[k] >= 0, ">= 0") for k in counts] + [(k, 0 <= cfg[k] < 1, "in [0, 1)") for k in
@@ -218,8 +227,12 @@ def config_ranges(cfg: dict) -> list[tuple[str, bool, str]]:
              ("BACKBONE_STAGES", cfg["BACKBONE_STAGES"] in range(8), "one of 0 (no backbone) to 7 (all stages)"),
              ("IMAGE_SIZE", cfg["BACKBONE_STAGES"] or cfg["IMAGE_SIZE"] >= smallest,
               f"at least 2 ** len(CNN_CHANNELS) = {smallest} for the from-scratch CNN"),
-             ("KD_ALPHA", len(alpha) == len(TASKS) and all(isinstance(a, (int, float)) and 0 <= a <= 1 for a in alpha),
-              "a (modality, location) pair of weights in [0, 1]"),
+             ("TASKS", len(tasks) > 0 and names(tasks) and not {"image", "group", *texts} & set(tasks),
+              "a tuple of distinct label column names (letters, digits, _ . -), not image, group or a text column"),
+             ("TEXT_COLUMNS", names(texts) and "image" not in texts, "a tuple of distinct column names (letters, "
+                                                                     "digits, _ . -), or ()"),
+             ("KD_ALPHA", len(alpha) == len(tasks) and all(isinstance(a, (int, float)) and 0 <= a <= 1 for a in alpha),
+              f"a tuple of {len(tasks)} weights in [0, 1], one per task of TASKS {tasks}"),
              ("CASE_TEXTS", all(isinstance(g, tuple) and g and all(isinstance(f, str) for f in g) for g in groups),
               "a tuple of groups of Case field names, like (('Title', 'Findings'),)"),
              ("AMP_DTYPE", cfg["AMP_DTYPE"] in AMP_DTYPES, "one of " + ", ".join(AMP_DTYPES))])
@@ -393,15 +406,29 @@ def read_jsonl(path: Path) -> list[tuple[int, dict]]:
     return records
 
 
-def check_layout(root: Path) -> None:
+def data_layout(root: Path) -> str:
+    """'manifest' (DATA_ROOT/train.csv or train.jsonl) or 'medpix' (DATA_ROOT/splitted_dataset/); what is missing
+    of either stops the run with one line."""
+    if manifest_file(root, "train"):
+        if not manifest_file(root, "dev"):
+            fail(f"{root / 'dev.csv'} is missing: a manifest needs train and dev (and may have test), .csv or .jsonl")
+        return "manifest"
     test_files = split_files(root, "test")  # optional, but not by halves
     missing = [p for p in (root / "images", root / "splitted_dataset", *split_files(root, "train"),
                            *split_files(root, "dev"), *(test_files if any(map(Path.exists, test_files)) else ()))
                if not p.exists()]
     if missing:
-        fail(f"MedPix 2.0 data not found: {missing[0]} is missing. Expected DATA_ROOT/images/<image>.png and "
-             f"DATA_ROOT/splitted_dataset/{{data,descriptions}}_{{train,dev[,test]}}.jsonl. MedPix 2.0 is "
-             f"published at {MEDPIX_URL}; pass its folder with --DATA_ROOT, or try --demo.")
+        fail(f"no data at {root}: neither a manifest (train.csv and dev.csv, or .jsonl: README, 'Your own data') nor "
+             f"MedPix 2.0 ({missing[0]} is missing; images/<image>.png, splitted_dataset/{{data,descriptions}}_"
+             f"{{train,dev[,test]}}.jsonl; published at {MEDPIX_URL}). Or try --demo.")
+    return "medpix"
+
+
+def manifest_file(root: Path, split: str) -> Path | None:
+    found = [path for path in (root / f"{split}.csv", root / f"{split}.jsonl") if path.is_file()]
+    if len(found) > 1:
+        fail(f"{found[0]} and {found[1]} both exist: keep one")
+    return found[0] if found else None
 
 
 def split_files(root: Path, split: str) -> tuple[Path, Path]:
@@ -409,11 +436,15 @@ def split_files(root: Path, split: str) -> tuple[Path, Path]:
     return folder / f"data_{split}.jsonl", folder / f"descriptions_{split}.jsonl"
 
 
-def assemble_text(*parts: str | None) -> str:
-    """The parts that hold text, joined. The model's input text is assemble_text(Caption, History): the image's
-    Caption, then the case's History, so that truncation cuts the shared case history rather than the image's own
-    words. No label field ever enters it."""
-    return " ".join(part.strip() for part in parts if isinstance(part, str) and part.strip())
+def cell(value) -> str:
+    """A table cell as stripped text: numbers as written, anything else (missing, null, a list) as empty."""
+    return str(value).strip() if isinstance(value, (str, int, float)) else ""
+
+
+def assemble_text(*parts) -> str:
+    """The parts that hold text, joined: the TEXT_COLUMNS in their order (MedPix 2.0: the image's Caption, then the
+    case's History, so that truncation cuts the shared history rather than the image's own words)."""
+    return " ".join(filter(None, map(cell, parts)))
 
 
 def nested_text(record: dict, *keys: str) -> str | None:
@@ -423,45 +454,86 @@ def nested_text(record: dict, *keys: str) -> str | None:
     return record if isinstance(record, str) else None
 
 
-def load_split(root: Path, split: str, skipped: Counter) -> list[dict]:
-    """One sample per image record. A record lacking a required field (missing, null, empty or not a
-    string), or whose case is not in the split's data file, is skipped and counted."""
+def read_manifest(path: Path, columns: list[str]) -> list[tuple[int, dict]]:
+    """(line number, row) of a manifest file: CSV with a header line, or JSON lines. A column it lacks stops the run."""
+    if path.suffix == ".jsonl":
+        rows = read_jsonl(path)
+        present = set().union(*(row.keys() for _, row in rows))
+    else:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            try:
+                rows = [(reader.line_num, row) for row in reader]
+            except (csv.Error, UnicodeDecodeError) as e:
+                fail(f"{path}:{reader.line_num + 1}: not a UTF-8 CSV line ({e})")
+            present = set(reader.fieldnames or ())
+    missing = [column for column in columns if column not in present]
+    if missing:
+        fail(f"{path}: no column {missing[0]!r} (its columns: {', '.join(sorted(present)) or 'none'})")
+    return rows
+
+
+def medpix_rows(root: Path, split: str, skipped: Counter) -> list[tuple[str, dict]]:
+    """A MedPix 2.0 split as manifest rows, (where, row): image, caption, history, modality, location, plane (Axial,
+    Coronal, Sagittal, any other Description.Plane Other), group. A record whose case is not in the split's data
+    file is skipped and counted."""
     data_path, desc_path = split_files(root, split)
     cases = {r["U_id"]: r for _, r in read_jsonl(data_path) if isinstance(r.get("U_id"), str)}
-    samples = []
+    rows = []
     for lineno, record in read_jsonl(desc_path):
-        missing = [field for field in REQUIRED_FIELDS if not (nested_text(record, field) or "").strip()]
+        case, plane = cases.get(record.get("U_id")), nested_text(record, "Description", "Plane")
+        if case is None:
+            warn_skip(skipped, "case not in the data file", f"{desc_path}:{lineno}: case {record.get('U_id')!r} is "
+                                                            f"not in {data_path.name}")
+            continue
+        rows.append((f"{desc_path}:{lineno}", dict(
+            image=cell(record.get("image")) and f"images/{cell(record['image'])}.png",
+            caption=nested_text(record, "Description", "Caption"), history=nested_text(case, "Case", "History"),
+            modality=nested_text(record, "Type"), location=nested_text(record, "Location Category"),
+            plane=plane and (plane.strip() if plane.strip() in ("Axial", "Coronal", "Sagittal") else "Other"),
+            group=record["U_id"])))
+    return rows
+
+
+def load_split(root: Path, split: str, cfg, skipped: Counter) -> list[dict]:
+    """One sample per row of the split's manifest (or MedPix 2.0 record): the image's path, the input text (the
+    TEXT_COLUMNS joined), a label per task of TASKS and the group. A row without an image or a label is skipped and
+    counted."""
+    path = manifest_file(root, split)
+    rows = [(f"{path}:{lineno}", row) for lineno, row in read_manifest(path, ["image", *cfg.TEXT_COLUMNS, *cfg.TASKS])
+            ] if path else medpix_rows(root, split, skipped)
+    samples = []
+    for where, row in rows:
+        missing = [column for column in ("image", *cfg.TASKS) if not cell(row.get(column))]
         if missing:
-            warn_skip(skipped, "record without required field", f"{desc_path}:{lineno}: no {', '.join(missing)}")
-        elif record["U_id"] not in cases:
-            warn_skip(skipped, "case not in the data file", f"{desc_path}:{lineno}: case {record['U_id']!r} is not "
-                                                            f"in {data_path.name}")
-        else:
-            samples.append(dict(
-                image=str(root / "images" / f"{record['image']}.png"),
-                text=assemble_text(nested_text(record, "Description", "Caption"),
-                                   nested_text(cases[record["U_id"]], "Case", "History")),
-                modality=record["Type"].strip(),
-                location=record["Location Category"].strip(),
-                case=record["U_id"],
-            ))
+            warn_skip(skipped, "row without an image or a label", f"{where}: no {', '.join(missing)}")
+            continue
+        image = Path(cell(row["image"]))
+        samples.append(dict(image=str(image if image.is_absolute() else root / image), group=cell(row.get("group")),
+                            text=assemble_text(*(row.get(column) for column in cfg.TEXT_COLUMNS)),
+                            **{task: cell(row[task]) for task in cfg.TASKS}))
     if not samples:
-        fail(f"{desc_path}: no usable sample in split '{split}'")
+        fail(f"{rows[0][0].rsplit(':', 1)[0] if rows else root}: no usable sample in split '{split}'")
     return samples
 
 
-def load_case_texts(root: Path, groups: tuple, train: list[dict]) -> list[dict]:
-    """The extra text-only training samples of CASE_TEXTS: for every case of the train samples, one per group of
-    its Case fields that holds text, with the case's location (where all its images have the same one). Only the
-    train split's data file is read."""
-    locations = {}
+def load_case_texts(root: Path, groups: tuple, train: list[dict], tasks: tuple) -> tuple[list[dict], list[str]]:
+    """The extra text-only training samples of CASE_TEXTS (MedPix 2.0): for every case of the train samples, one per
+    group of its Case fields that holds text, with the case's labels of the tasks whose label is the same in all
+    images of every train case; and those tasks. Only the train split's data file is read."""
+    labels = {}
     for s in train:
-        locations.setdefault(s["case"], set()).add(s["location"])
-    location = {case: names.pop() for case, names in locations.items() if len(names) == 1}  # else no case label
-    cases = {r["U_id"]: r for _, r in read_jsonl(split_files(root, "train")[0]) if r.get("U_id") in location}
-    texts = [dict(case=case, text=assemble_text(*(nested_text(record, "Case", field) for field in group)),
-                  location=location[case]) for case, record in cases.items() for group in groups]
-    return [t for t in texts if t["text"]]
+        labels.setdefault(s["group"], {task: set() for task in tasks})
+        for task in tasks:
+            labels[s["group"]][task].add(s[task])
+    case_tasks = [task for task in tasks if all(len(case[task]) == 1 for case in labels.values())]
+    if not case_tasks or not groups:
+        return [], case_tasks
+    cases = {r["U_id"]: r for _, r in read_jsonl(split_files(root, "train")[0]) if r.get("U_id") in labels}
+    texts = [dict(group=case, text=assemble_text(*(nested_text(record, "Case", field) for field in group)),
+                  **{task: next(iter(labels[case][task])) for task in case_tasks})
+             for case, record in cases.items() for group in groups]
+    return [t for t in texts if t["text"]], case_tasks
 
 
 def warn_skip(skipped: Counter, reason: str, detail: str) -> None:
@@ -470,10 +542,13 @@ def warn_skip(skipped: Counter, reason: str, detail: str) -> None:
 
 
 def label_names(train: list[dict], task: str) -> list[str]:
-    names = sorted({s[task] for s in train})
-    if len(names) < 2:
-        fail(f"the train split has one {task} class only ({names[0]!r}): nothing to learn")
-    return names
+    counts = Counter(s[task] for s in train)
+    if len(counts) < 2:
+        fail(f"the train split has one {task} class only ({next(iter(counts))!r}): nothing to learn")
+    lone = sorted(name for name, n in counts.items() if n == 1)
+    if lone:
+        print(f"warning: {task} class(es) {lone} have one train image each: too few to learn from", file=sys.stderr)
+    return sorted(counts)
 
 
 def encode_labels(samples: list[dict], task: str, names: list[str], split: str) -> torch.Tensor:
@@ -569,62 +644,80 @@ def decode_image(path: str, size: int) -> torch.Tensor:
         return torch.from_numpy(deployment.decode_image(path, size)).permute(2, 0, 1).contiguous()
 
 
-def load_images(samples: list[dict], size: int, cache_dir: Path, skipped: Counter) -> dict[str, torch.Tensor]:
-    """Decode every PNG once; the store is keyed by each file's bytes and by the image size. Sets each
-    sample's 'image_key' (None for an image that cannot be read, which is skipped and counted)."""
+def load_images(samples: list[dict], size: int, cache_dir: Path, skipped: Counter) -> torch.Tensor:
+    """Decode every image once into the image store of this size: a file of uint8 rows (3 x size x size each), and
+    beside it an index from each file's content hash to its row. Returns the store memory-mapped, so that memory does
+    not grow with the data set (pages are read as batches touch them), and sets each sample's 'image_row' (None for
+    an image that cannot be read, skipped and counted). Rows are appended under a lock, the index rewritten every 512:
+    an interrupted run keeps what it decoded, and runs sharing the cache never cross."""
     for s in samples:
         try:
             s["image_key"] = sha256(Path(s["image"]).read_bytes())
         except OSError as e:
             s["image_key"] = None
             warn_skip(skipped, "image unreadable", f"{s['image']}: {e.strerror or e}")
-    paths = {s["image_key"]: s["image"] for s in samples if s["image_key"]}
-    store = cached(cache_dir / f"images-{settings_key(size=size, resize='pillow-bilinear-v1')}.pt", list(paths),
-                   lambda keys: decode_all({k: paths[k] for k in keys}, size, skipped))
-    for s in samples:
-        if s["image_key"] not in store:
-            s["image_key"] = None
-    return store
-
-
-def decode_all(paths: dict[str, str], size: int, skipped: Counter) -> dict[str, torch.Tensor]:
-    decoded = {}
-    for key, path in progress(paths.items(), f"decoding images at {size} px"):
+    path, row_bytes = cache_dir / f"images-{settings_key(size=size, resize='pillow-bilinear-v1')}.u8", 3 * size * size
+    with store_lock(path), open(path, "ab") as f:
         try:
-            decoded[key] = decode_image(path, size)
-        except IMAGE_ERRORS as e:
-            warn_skip(skipped, "image unreadable", f"{path}: {e}")
-    return decoded
+            index = json.loads(path.with_suffix(".json").read_text()) if path.with_suffix(".json").exists() else {}
+        except (OSError, ValueError):
+            index = None
+        if not isinstance(index, dict) or len(index) * row_bytes > os.fstat(f.fileno()).st_size:
+            tqdm.write(f"cache: {path.with_suffix('.json')} is unreadable or does not fit {path.name}: rebuilding both")
+            index = {}
+        if os.fstat(f.fileno()).st_size != len(index) * row_bytes:
+            f.truncate(len(index) * row_bytes)  # rows an interrupted run wrote after its last index
+        todo = {s["image_key"]: s["image"] for s in samples if s["image_key"] and s["image_key"] not in index}
+        for n, (key, image) in enumerate(progress(todo.items(), f"decoding images at {size} px"), 1):
+            try:
+                f.write(decode_image(image, size).numpy().tobytes())
+                index[key] = len(index)
+            except IMAGE_ERRORS as e:
+                warn_skip(skipped, "image unreadable", f"{image}: {e}")
+            if n % 512 == 0 or n == len(todo):
+                f.flush()
+                write_json(path.with_suffix(".json"), index)
+    for s in samples:
+        s["image_row"] = index.get(s["image_key"])
+    if not index:
+        return torch.empty(0, 3, size, size, dtype=torch.uint8)
+    return torch.from_file(str(path), size=len(index) * row_bytes, dtype=torch.uint8).view(-1, 3, size, size)
 
 
 @dataclasses.dataclass
 class CaseTexts:
-    """Text-only training samples from train cases (CASE_TEXTS): they teach the location task only."""
+    """Text-only training samples from train cases (CASE_TEXTS), for the tasks whose label is the case's."""
     ids: torch.Tensor  # the student's token ids, N x MAX_TOKENS
     mask: torch.Tensor
-    location: torch.Tensor  # the case's location class
-    teacher: torch.Tensor  # the teacher's location logits on the text
-
-    def to(self, device: torch.device) -> "CaseTexts":
-        return CaseTexts(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
+    tasks: tuple[int, ...]  # which of TASKS they teach
+    labels: tuple[torch.Tensor, ...]  # the case's class per task of tasks
+    teacher: tuple[torch.Tensor, ...]  # the teacher's logits on the text per task of tasks
 
 
 @dataclasses.dataclass
 class Split:
-    """One split's tensors, row i for sample i: what the student reads, the labels, and what the teacher made."""
-    images: torch.Tensor  # uint8, N x 3 x IMAGE_SIZE x IMAGE_SIZE
-    ids: torch.Tensor  # the student's token ids, N x MAX_TOKENS
+    """One split's tensors, row i for sample i: what the student reads, the labels, and what the teacher made. The
+    images stay on the CPU (memory-mapped from the image store): batches go to the device as they are read."""
+    images: torch.Tensor  # uint8, M x 3 x IMAGE_SIZE x IMAGE_SIZE: sample i's is images[rows[i]] (rows None: images[i])
+    ids: torch.Tensor  # the student's token ids, N x MAX_TOKENS (N x 0 without TEXT_COLUMNS)
     mask: torch.Tensor  # 1 for a real token, 0 for padding
     labels: tuple[torch.Tensor, ...] = ()  # class index per task (TASKS order)
     teacher: tuple[torch.Tensor, ...] = ()  # the teacher's logits per task
     features: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # teacher backbone features per tower
     case_texts: CaseTexts | None = None  # train only: the extra text-only samples of CASE_TEXTS
+    rows: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.mask)
+
+    def pixels(self, idx: torch.Tensor) -> torch.Tensor:
+        """The uint8 images of samples idx (a CPU index), gathered from the store."""
+        return self.images[idx if self.rows is None else self.rows[idx]]
 
     def to(self, device: torch.device) -> "Split":
-        return Split(self.images.to(device), self.ids.to(device), self.mask.to(device),
-                     tuple(t.to(device) for t in self.labels), tuple(t.to(device) for t in self.teacher),
-                     {tower: f.to(device) for tower, f in self.features.items()},
-                     self.case_texts and self.case_texts.to(device))
+        """Everything but the images on device."""
+        return dataclasses.replace(self, **{f.name: moved(getattr(self, f.name), device)
+                                            for f in dataclasses.fields(self) if f.name not in ("images", "rows")})
 
 
 # -----------------------------------------------------------------------------
@@ -666,7 +759,9 @@ def load_teacher(cfg) -> dict:
     elif cfg.VISION_TEACHER:
         teacher["vision"] = load_pretrained(CLIPModel, cfg.VISION_TEACHER, "VISION_TEACHER").eval()
         teacher["processor"] = load_pretrained(CLIPImageProcessor, cfg.VISION_TEACHER, "VISION_TEACHER")
-    if cfg.TEXT_TEACHER:
+    if cfg.TEXT_TEACHER and not cfg.TEXT_COLUMNS:
+        print("text teacher: not loaded, since TEXT_COLUMNS is () (image only)")
+    elif cfg.TEXT_TEACHER:
         teacher["text"] = load_pretrained(AutoModel, cfg.TEXT_TEACHER, "TEXT_TEACHER").eval()
         teacher["tokenizer"] = load_pretrained(AutoTokenizer, cfg.TEXT_TEACHER, "TEXT_TEACHER")
     if not teacher:
@@ -724,9 +819,8 @@ def teacher_features(samples: list[dict], teacher: dict, cfg, device: torch.devi
         pooling = "clip-projection" if "processor" in teacher else "mean-of-head"
         key = settings_key(model=model_identity(cfg.VISION_TEACHER), size=size, pooling=pooling, precision=precision)
         store = cached(cache_dir / f"vision-{key}.pt", list(paths), lambda keys: batched_features(
-            keys, decode_all({k: paths[k] for k in keys}, size, Counter()),
-            lambda x: image_features(teacher, torch.stack(x), device, amp), cfg.TEACHER_BATCH_SIZE,
-            "vision teacher"), shard=True)
+            keys, paths, lambda x: image_features(teacher, torch.stack([decode_image(p, size) for p in x]), device, amp),
+            cfg.TEACHER_BATCH_SIZE, "vision teacher"), shard=True)
         parts["image"] = torch.stack([store[s["image_key"]] for s in samples])
     if "text" in teacher:
         model = teacher["text"].to(device)
@@ -748,21 +842,21 @@ def case_text_features(texts: list[dict], train: list[dict], train_features: dic
     if "image" in train_features:
         rows = {}
         for i, s in enumerate(train):
-            rows.setdefault(s["case"], []).append(i)
-        parts["image"] = torch.stack([train_features["image"][rows[t["case"]]].mean(0) for t in texts])
+            rows.setdefault(s["group"], []).append(i)
+        parts["image"] = torch.stack([train_features["image"][rows[t["group"]]].mean(0) for t in texts])
     text_tower = {k: v for k, v in teacher.items() if k not in ("vision", "processor")}
     return parts | (teacher_features(texts, text_tower, cfg, device, amp) if "text" in teacher else {})
 
 
-def teacher_heads(in_dim: int, n_modality: int, n_location: int, hidden: int) -> nn.Module:
-    """One MLP whose output is split into the modality and the location logits."""
+def teacher_heads(in_dim: int, n_classes: tuple[int, ...], hidden: int) -> nn.Module:
+    """One MLP whose output is split into each task's logits."""
     return nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(0.2),
-                         nn.Linear(hidden, n_modality + n_location))
+                         nn.Linear(hidden, sum(n_classes)))
 
 
-def train_teacher_heads(features: dict, labels: dict, n_classes: tuple[int, int], cfg) -> tuple[nn.Module, dict]:
+def train_teacher_heads(features: dict, labels: dict, n_classes: tuple[int, ...], cfg) -> tuple[nn.Module, dict]:
     """Train the heads on train features with early stopping on dev; return them and the logits per split."""
-    heads = teacher_heads(features["train"].shape[1], *n_classes, cfg.HEAD_HIDDEN)
+    heads = teacher_heads(features["train"].shape[1], n_classes, cfg.HEAD_HIDDEN)
     optimizer = torch.optim.AdamW(heads.parameters(), lr=cfg.HEAD_LR, weight_decay=0.01)
     best_score, best_state, since_best = -1.0, None, 0
     split_logits = lambda out: torch.split(out, list(n_classes), dim=1)
@@ -877,10 +971,10 @@ def output_width(body: nn.Sequential) -> int:
 
 class Student(nn.Module):
     """Image encoder (the first stages of EfficientNet-Lite0, or a small CNN from scratch) + token embedding +
-    bidirectional LSTM, fused into two heads. backbone_weights: a weights file for the EfficientNet stages (training
-    starts from it; a saved student carries its own weights)."""
+    bidirectional LSTM (none with vocab_size 0: image only), fused into a head per task. backbone_weights: a weights
+    file for the EfficientNet stages (training starts from it; a saved student carries its own weights)."""
 
-    def __init__(self, vocab_size: int, pad_id: int, n_modality: int, n_location: int,
+    def __init__(self, vocab_size: int, pad_id: int, n_classes: tuple[int, ...],
                  backbone_stages: int = BACKBONE_STAGES, image_size: int = IMAGE_SIZE, cnn_channels: tuple = CNN_CHANNELS,
                  embed_dim: int = EMBED_DIM, lstm_hidden: int = LSTM_HIDDEN, fusion_dim: int = FUSION_DIM,
                  dropout: float = DROPOUT, backbone_weights: str | None = None):
@@ -888,17 +982,18 @@ class Student(nn.Module):
         body = efficientnet(backbone_stages, image_size, backbone_weights) if backbone_stages else scratch_cnn(cnn_channels)
         width = output_width(body)
         self.cnn = nn.Sequential(body, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.image_size = image_size
-        self.embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
-        self.lstm = nn.LSTM(embed_dim, lstm_hidden, batch_first=True, bidirectional=True)
-        self.widths = dict(image=width, text=2 * lstm_hidden)  # of the vectors that embed() returns
+        self.image_size, self.reads_text = image_size, vocab_size > 0
+        self.widths = dict(image=width) | (dict(text=2 * lstm_hidden) if self.reads_text else {})  # of embed()'s vectors
+        if self.reads_text:
+            self.embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
+            self.lstm = nn.LSTM(embed_dim, lstm_hidden, batch_first=True, bidirectional=True)
         # one linear layer over the image and text vectors, as two: int8 then quantizes each vector on its own scale
         # (a pretrained encoder's image vector spans ten times the text's range, which would leave the text a few steps)
         self.image_projection = nn.Linear(width, fusion_dim)
-        self.text_projection = nn.Linear(2 * lstm_hidden, fusion_dim, bias=False)
+        if self.reads_text:
+            self.text_projection = nn.Linear(2 * lstm_hidden, fusion_dim, bias=False)
         self.fusion = nn.Sequential(nn.ReLU(), nn.Dropout(dropout))
-        self.modality_head = nn.Linear(fusion_dim, n_modality)
-        self.location_head = nn.Linear(fusion_dim, n_location)
+        self.heads = nn.ModuleList(nn.Linear(fusion_dim, n) for n in n_classes)
 
     def train(self, mode: bool = True) -> "Student":
         """A frozen part of the image encoder keeps its BatchNorm statistics too."""
@@ -925,25 +1020,28 @@ class Student(nn.Module):
 
     def embed(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
               lengths: torch.Tensor | None = None) -> dict:
-        return dict(image=self.cnn(images), text=self.encode_text(input_ids, attention_mask, lengths))
+        text = dict(text=self.encode_text(input_ids, attention_mask, lengths)) if self.reads_text else {}
+        return dict(image=self.cnn(images)) | text
 
-    def classify(self, vectors: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        fused = self.fusion(self.image_projection(vectors["image"]) + self.text_projection(vectors["text"]))
-        return self.modality_head(fused), self.location_head(fused)
+    def classify(self, vectors: dict) -> tuple[torch.Tensor, ...]:
+        fused = self.image_projection(vectors["image"])
+        fused = self.fusion(fused + self.text_projection(vectors["text"]) if self.reads_text else fused)
+        return tuple(head(fused) for head in self.heads)
 
     def classify_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """The text read alone: the image vector set to zero, as the case-text samples are trained."""
         text = self.encode_text(input_ids, attention_mask, lengths)
         return self.classify(dict(image=text.new_zeros(len(text), self.widths["image"]), text=text))
 
-    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         return self.classify(self.embed(images, input_ids, attention_mask))
 
 
-def student_kwargs(cfg, tokenizer, vocab: list[int], n_classes: tuple[int, int]) -> dict:
-    return dict(vocab_size=len(vocab), pad_id=vocab.index(pad_token_id(tokenizer)), n_modality=n_classes[0],
-                n_location=n_classes[1], backbone_stages=cfg.BACKBONE_STAGES, image_size=cfg.IMAGE_SIZE,
+def student_kwargs(cfg, tokenizer, vocab: list[int], n_classes: tuple[int, ...]) -> dict:
+    return dict(vocab_size=len(vocab), pad_id=vocab.index(pad_token_id(tokenizer)) if vocab else 0, n_classes=n_classes,
+                backbone_stages=cfg.BACKBONE_STAGES, image_size=cfg.IMAGE_SIZE,
                 cnn_channels=tuple(cfg.CNN_CHANNELS), embed_dim=cfg.EMBED_DIM, lstm_hidden=cfg.LSTM_HIDDEN,
                 fusion_dim=cfg.FUSION_DIM, dropout=cfg.DROPOUT)
 
@@ -966,7 +1064,7 @@ def pca_embedding(teacher_embedding: torch.Tensor, dim: int) -> torch.Tensor:
 def pretrained_parameters(student: Student, backbone: bool) -> list[nn.Parameter]:
     """What starts from pretrained values, and is frozen for the first FREEZE_EPOCHS: the token embedding, and the
     image encoder when it starts from weights (backbone)."""
-    return [student.embedding.weight, *(student.cnn.parameters() if backbone else ())]
+    return [*([student.embedding.weight] if student.reads_text else []), *(student.cnn.parameters() if backbone else ())]
 
 
 def set_frozen(parameters: list[nn.Parameter], frozen: bool) -> None:
@@ -1066,8 +1164,8 @@ def feature_adapters(student: Student, features: dict) -> nn.ModuleDict:
 
 class Distiller(nn.Module):
     """The student and its feature adapters as one module whose forward returns everything the loss reads:
-    the logits, those with the text removed (with image_only), the adapted vectors, and the location logits of a
-    batch of case texts (or None). One module, because
+    the logits, those with the text removed (with image_only), the adapted vectors, and the logits of a batch of
+    case texts (or None). One module, because
     DistributedDataParallel only synchronises the gradients of what its forward runs."""
 
     def __init__(self, student: Student, adapters: nn.ModuleDict, image_only: bool):
@@ -1076,17 +1174,15 @@ class Distiller(nn.Module):
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 lengths: torch.Tensor | None = None,
-                case_texts: tuple | None = None) -> tuple[list, dict, torch.Tensor | None]:
-        """case_texts: (ids, mask, lengths) of a batch of case texts, whose location logits come last."""
+                case_texts: tuple | None = None) -> tuple[list, dict, tuple | None]:
+        """case_texts: (ids, mask, lengths) of a batch of case texts, whose logits come last."""
         vectors = self.student.embed(images, input_ids, attention_mask, lengths)
         logits = [self.student.classify(vectors)]
         if self.image_only:
             logits.append(self.student.classify(dict(vectors, text=torch.zeros_like(vectors["text"]))))
         with torch.autocast(images.device.type, enabled=False):  # fp32, like the teacher's features
             adapted = {tower: adapter(vectors[tower].float()) for tower, adapter in self.adapters.items()}
-        case_logits = None
-        if case_texts is not None:
-            case_logits = self.student.classify_text(*case_texts)[1]
+        case_logits = None if case_texts is None else self.student.classify_text(*case_texts)
         return logits, adapted, case_logits
 
 
@@ -1167,6 +1263,7 @@ def train_epoch(model: nn.Module, data: Split, optimizer, scheduler, scaler, cfg
     model.train()
     plan = epoch_plan(data, cfg.BATCH_SIZE, cfg.TEXT_DROPOUT, generator, rank, world)
     order, keep_text, draws = (to_device(plan[k], device) for k in ("order", "keep_text", "draws"))
+    tasks = range(len(data.labels))
     texts = data.case_texts
     if texts is not None:
         text_rows = to_device(torch.cat([rows for rows, _ in plan["texts"]]), device).split(
@@ -1177,27 +1274,25 @@ def train_epoch(model: nn.Module, data: Split, optimizer, scheduler, scaler, cfg
     for step, start in enumerate(progress(starts, "train"), 1):
         batch = slice(start, start + cfg.BATCH_SIZE)
         idx = order[batch]
-        images = augment_images(data.images[idx], draws[batch])
+        images = augment_images(to_device(data.pixels(plan["order"][batch]), device), draws[batch])
         mask = data.mask[idx] * keep_text[batch, None]  # whole-text dropout
         targets = [(t[idx], y[idx]) for t, y in zip(data.teacher, data.labels)]
-        task_loss = lambda logits: sum(distillation_loss(lg, t, y, alpha, cfg.KD_TEMPERATURE, cfg.LABEL_SMOOTHING)
-                                       for lg, (t, y), alpha in zip(logits, targets, cfg.KD_ALPHA))
+        task_loss = lambda logits, targets, tasks: sum(distillation_loss(
+            logits[i], t, y, cfg.KD_ALPHA[i], cfg.KD_TEMPERATURE, cfg.LABEL_SMOOTHING) for i, (t, y) in zip(tasks, targets))
         case_batch = case_targets = None
         if texts is not None and len(plan["texts"][step - 1][0]):
             rows, text_lengths = text_rows[step - 1], plan["texts"][step - 1][1]
             case_batch = (texts.ids[rows], texts.mask[rows], text_lengths)
-            case_targets = (texts.teacher[rows], texts.location[rows])
+            case_targets = [(t[rows], y[rows]) for t, y in zip(texts.teacher, texts.labels)]
         step_now = step % cfg.GRAD_ACCUM_STEPS == 0 or step == len(starts)
         with model.no_sync() if distributed and not step_now else nullcontext():  # gradients meet at the step only
             with autocast(device, amp):
                 logits, adapted, case_logits = model(images, data.ids[idx], mask, plan["lengths"][batch], case_batch)
-                loss = task_loss(logits[0])
+                loss = task_loss(logits[0], targets, tasks)
                 if len(logits) > 1:
-                    loss = loss + cfg.IMAGE_ONLY_LOSS * task_loss(logits[1])
+                    loss = loss + cfg.IMAGE_ONLY_LOSS * task_loss(logits[1], targets, tasks)
                 if case_logits is not None:
-                    loss = loss + cfg.CASE_TEXT_LOSS * distillation_loss(
-                        case_logits, *case_targets, cfg.KD_ALPHA[TASKS.index("location")], cfg.KD_TEMPERATURE,
-                        cfg.LABEL_SMOOTHING)
+                    loss = loss + cfg.CASE_TEXT_LOSS * task_loss(case_logits, case_targets, texts.tasks)
             if adapted:
                 teacher_vectors = {tower: f[idx] for tower, f in data.features.items()}
                 loss = loss + cfg.FEATURE_KD * feature_loss(adapted, teacher_vectors, mask.sum(1) > 0)
@@ -1223,15 +1318,15 @@ def train_epoch(model: nn.Module, data: Split, optimizer, scheduler, scaler, cfg
 
 @torch.no_grad()
 def predict(model: nn.Module, data: Split, device: torch.device, batch_size: int = 64, with_text: bool = True,
-            with_image: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+            with_image: bool = True) -> tuple[torch.Tensor, ...]:
     """Logits per task on the CPU, computed in fp32 (no autocast): what dev chooses on and what is reported
     is what the saved fp32 model computes. Without text: the mask all zeros. Without image (a torch Student only):
     its image vector set to zero, as the case-text samples are trained, so that the text reader decides alone."""
     model.eval()
     outputs = []
-    for idx in torch.arange(len(data.images)).split(batch_size):
+    for idx in torch.arange(len(data)).split(batch_size):
         ids, mask = data.ids[idx].to(device), (data.mask[idx] if with_text else torch.zeros_like(data.mask[idx])).to(device)
-        logits = model(normalize(data.images[idx].to(device)), ids, mask) if with_image else \
+        logits = model(normalize(data.pixels(idx).to(device)), ids, mask) if with_image else \
             model.classify_text(ids, mask)
         outputs.append([lg.float().cpu() for lg in logits])
     return tuple(torch.cat(parts) for parts in zip(*outputs))
@@ -1254,42 +1349,44 @@ def mean_f1(metrics: list[dict]) -> float:
 
 
 def selection_score(logits: tuple, labels: tuple) -> float:
-    """What chooses every checkpoint (teacher heads, student, pruned student): the mean of the two
-    tasks' macro-F1."""
+    """What chooses every checkpoint (teacher heads, student, pruned student): the mean of the tasks' macro-F1."""
     return mean_f1([task_metrics(y, lg.argmax(1)) for lg, y in zip(logits, labels)])
 
 
-def dev_check(model: nn.Module, data: dict[str, Split], device: torch.device) -> dict:
+def dev_check(model: nn.Module, data: dict[str, Split], device: torch.device, tasks: list[str]) -> dict:
     """A model's dev accuracy per task, selection score and predicted labels."""
     logits, labels = predict(model, data["dev"], device), [y.cpu() for y in data["dev"].labels]
-    return {f"{task}_acc": round(float(accuracy_score(y, lg.argmax(1))), 4) for task, lg, y in zip(TASKS, logits, labels)
+    return {f"{task}_acc": round(float(accuracy_score(y, lg.argmax(1))), 4) for task, lg, y in zip(tasks, logits, labels)
             } | dict(score=round(selection_score(logits, labels), 4), predicted=[lg.argmax(1) for lg in logits])
 
 
 def evaluate_logits(logits: tuple, data: Split, names: dict) -> dict[str, dict]:
     return {task: task_metrics(y.cpu(), lg.argmax(1), len(names[task]))
-            for task, lg, y in zip(TASKS, logits, data.labels)}
+            for task, lg, y in zip(names, logits, data.labels)}
 
 
 def confusion_rows(confusion: list[list[int]], names: list[str]) -> list[list]:
     return [["true \\ predicted", *names]] + [[name, *row] for name, row in zip(names, confusion)]
 
 
-def on_cpu(obj):
-    """obj (nested dicts, lists and tuples) with every tensor moved to the CPU, so that a saved file loads anywhere."""
+def moved(obj, device: torch.device | str):
+    """obj (nested dicts, lists, tuples and dataclasses) with every tensor on device; on the CPU, a saved file loads
+    anywhere."""
     if torch.is_tensor(obj):
-        return obj.cpu()
+        return obj.to(device)
+    if dataclasses.is_dataclass(obj):
+        return dataclasses.replace(obj, **{f.name: moved(getattr(obj, f.name), device) for f in dataclasses.fields(obj)})
     if isinstance(obj, dict):
-        moved = copy.copy(obj)  # a state_dict keeps its _metadata (the layer versions that loading reads)
-        moved.update((k, on_cpu(v)) for k, v in obj.items())
-        return moved
+        copied = copy.copy(obj)  # a state_dict keeps its _metadata (the layer versions that loading reads)
+        copied.update((k, moved(v, device)) for k, v in obj.items())
+        return copied
     if isinstance(obj, (list, tuple)):
-        return type(obj)(on_cpu(v) for v in obj)
+        return type(obj)(moved(v, device) for v in obj)
     return obj
 
 
 def save_student(path: Path, student: nn.Module, meta: dict) -> None:
-    save_torch(path, {**meta, "state_dict": on_cpu(student.state_dict())})
+    save_torch(path, {**meta, "state_dict": moved(student.state_dict(), "cpu")})
 
 
 def checkpoint_settings(cfg, meta: dict, device: torch.device, amp: torch.dtype | None) -> dict:
@@ -1309,7 +1406,7 @@ def save_checkpoint(path: Path, parts: dict, generator: torch.Generator, progres
                cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
     checkpoint = {name: part.state_dict() for name, part in parts.items()} | dict(
         progress=progress, rng=rng, settings=settings)
-    save_torch(path, on_cpu(checkpoint))
+    save_torch(path, moved(checkpoint, "cpu"))
 
 
 def load_checkpoint(path: Path, parts: dict, generator: torch.Generator, settings: dict,
@@ -1355,23 +1452,25 @@ def train_student(student: nn.Module, data: dict[str, Split], cfg, names: dict, 
     log_dir, results = Path(cfg.LOG_DIR), Path(cfg.RESULTS_DIR)
     rank, world = rank_and_world()
     adapters = feature_adapters(student, data["train"].features).to(device)
-    distiller = Distiller(student, adapters if cfg.FEATURE_KD > 0 else nn.ModuleDict(), cfg.IMAGE_ONLY_LOSS > 0)
-    pretrained = pretrained_parameters(student, backbone_weights(cfg) is not None)
-    slow = set(pretrained[1:])  # a pretrained image encoder learns at BACKBONE_LR x LR
+    distiller = Distiller(student, adapters if cfg.FEATURE_KD > 0 else nn.ModuleDict(),
+                          cfg.IMAGE_ONLY_LOSS > 0 and student.reads_text)
+    backbone = backbone_weights(cfg) is not None
+    pretrained = pretrained_parameters(student, backbone)
+    slow = set(student.cnn.parameters()) if backbone else set()  # a pretrained image encoder learns at BACKBONE_LR x LR
     groups = [dict(params=[p for p in [*student.parameters(), *adapters.parameters()]
                            if p.requires_grad and p not in slow])]
-    groups += [dict(params=pretrained[1:], lr=cfg.LR * cfg.BACKBONE_LR)] if slow else []
+    groups += [dict(params=list(student.cnn.parameters()), lr=cfg.LR * cfg.BACKBONE_LR)] if slow else []
     optimizer = adamw(groups, cfg.LR, cfg.WEIGHT_DECAY, device)
     ema = MovingAverage(student, cfg.EMA_DECAY) if cfg.EMA_DECAY > 0 else None
     evaluated = ema.module if ema else student
-    per_process = math.ceil(len(data["train"].images) / world)
+    per_process = math.ceil(len(data["train"]) / world)
     steps_per_epoch = math.ceil(math.ceil(per_process / cfg.BATCH_SIZE) / cfg.GRAD_ACCUM_STEPS)
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.WARMUP_EPOCHS * steps_per_epoch,
                                                 cfg.EPOCHS * steps_per_epoch)
     scaler = grad_scaler(device, amp)
     generator = torch.Generator().manual_seed(cfg.SEED)
-    header = ["epoch", "train_loss", "val_modality_acc", "val_location_acc", "modality_precision", "modality_recall",
-              "modality_f1", "location_precision", "location_recall", "location_f1", "lr", "pretrained_frozen",
+    header = ["epoch", "train_loss", *(f"val_{task}_acc" for task in names),
+              *(f"{task}_{k}" for task in names for k in ("precision", "recall", "f1")), "lr", "pretrained_frozen",
               "seconds"]
     parts = dict(student=student, adapters=adapters, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
     if ema:
@@ -1385,10 +1484,10 @@ def train_student(student: nn.Module, data: dict[str, Split], cfg, names: dict, 
             raise KeyboardInterrupt
         start = time.time()
         frozen = epoch <= cfg.FREEZE_EPOCHS
-        if pretrained[0].requires_grad == frozen:
+        if pretrained and pretrained[0].requires_grad == frozen:
             set_frozen(pretrained, frozen)
-            tqdm.write(f"epoch {epoch}: token embedding{' and image encoder' if len(pretrained) > 1 else ''} "
-                       f"{'frozen' if frozen else 'unfrozen'}")
+            named = ["token embedding"] * student.reads_text + ["image encoder"] * backbone
+            tqdm.write(f"epoch {epoch}: {' and '.join(named)} {'frozen' if frozen else 'unfrozen'}")
             model = None  # DistributedDataParallel takes the parameters that need gradients when it is built
         if model is None:
             model = parallel(distiller, device)
@@ -1397,12 +1496,11 @@ def train_student(student: nn.Module, data: dict[str, Split], cfg, names: dict, 
             continue
         lr = optimizer.param_groups[0]["lr"]  # where the schedule stands at the end of the epoch
         dev = evaluate_logits(predict(evaluated, data["dev"], device), data["dev"], names)
-        m, loc = dev["modality"], dev["location"]
-        macro = [round(dev[task][k], 4) for task in TASKS for k in ("precision", "recall", "f1")]
-        rows.append([epoch, round(loss, 5), round(m["acc"], 4), round(loc["acc"], 4), *macro, f"{lr:.3g}",
+        macro = [round(dev[task][k], 4) for task in names for k in ("precision", "recall", "f1")]
+        rows.append([epoch, round(loss, 5), *(round(dev[task]["acc"], 4) for task in names), *macro, f"{lr:.3g}",
                      int(frozen), round(time.time() - start, 2)])
         write_csv(log_dir / "training_log.csv", rows)
-        for task in TASKS:
+        for task in names:
             write_csv(log_dir / f"confusion_{task}_epoch_{epoch}.csv", confusion_rows(dev[task]["confusion"], names[task]))
         score = mean_f1(list(dev.values()))
         marker = ""
@@ -1411,8 +1509,9 @@ def train_student(student: nn.Module, data: dict[str, Split], cfg, names: dict, 
             save_student(results / "lightweight_vlm.pth", evaluated, meta)
             marker = " (best, saved)"
         save_checkpoint(checkpoint, parts, generator, dict(epoch=epoch, rows=rows, best=best), settings, device)
-        tqdm.write(f"epoch {epoch:3d} | loss {loss:.4f} | dev modality acc {m['acc']:.3f} f1 {m['f1']:.3f} | "
-                   f"location acc {loc['acc']:.3f} f1 {loc['f1']:.3f} | {time.time() - start:.1f}s{marker}")
+        tqdm.write(f"epoch {epoch:3d} | loss {loss:.4f} | dev " + " | ".join(
+            f"{task} acc {dev[task]['acc']:.3f} f1 {dev[task]['f1']:.3f}" for task in names) +
+                   f" | {time.time() - start:.1f}s{marker}")
     return best | dict(log=rows)
 
 
@@ -1426,7 +1525,8 @@ class MovingAverage:
 
     def __init__(self, model: nn.Module, decay: float):
         self.module, self.decay, self.steps = copy.deepcopy(model).requires_grad_(False), decay, 0
-        self.module.lstm.flatten_parameters()  # a deep copy's cuDNN LSTM weights are no longer one block
+        if self.module.reads_text:
+            self.module.lstm.flatten_parameters()  # a deep copy's cuDNN LSTM weights are no longer one block
         mine, theirs = self.module.state_dict(keep_vars=True), model.state_dict(keep_vars=True)
         pairs = [(mine[k], theirs[k]) for k in mine]
         self.floats, self.integers = ([[pair[i] for pair in pairs if pair[0].is_floating_point() == floating]
@@ -1508,7 +1608,8 @@ INPUT_CONTRACT = (
     "image.normalization. ids, mask: int64 N x T, T <= text.max_tokens: the text encoded by the tokenizers library "
     "from tokenizer_json (gzip, base64) without special tokens, truncated to text.max_tokens; each token id t as "
     "text.vocab.index(t), or text.unk_index when absent; padding text.pad_index with mask 0. No text: ids and mask "
-    "N x 1 zeros. Outputs: logits per task (labels); divide by temperature[task], then softmax.")
+    "N x 1 zeros. A model without text (text null) has the images input alone. Outputs: logits per task (labels); "
+    "divide by temperature[task], then softmax.")
 
 
 def export_onnx(model: nn.Module, path: Path, meta: dict, calibration: Split | None = None) -> None:
@@ -1517,24 +1618,25 @@ def export_onnx(model: nn.Module, path: Path, meta: dict, calibration: Split | N
     samples: int8 by ONNX Runtime's own quantizer (quantize_onnx). The exporter is the TorchScript one: it turns the
     packed bidirectional LSTM into one ONNX LSTM with sequence lengths, which the dynamo exporter cannot trace."""
     import onnx
-    size = meta["image_size"]
+    size, tasks, inputs = meta["image_size"], list(meta["labels"]), ONNX_INPUTS[:3 if model.reads_text else 1]
     example = (torch.zeros(2, 3, size, size), torch.zeros(2, 8, dtype=torch.long), torch.ones(2, 8, dtype=torch.long))
     free = {"images": {0: "batch"}, "ids": {0: "batch", 1: "tokens"}, "mask": {0: "batch", 1: "tokens"}} | {
-        task: {0: "batch"} for task in TASKS}
+        task: {0: "batch"} for task in tasks}
     with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings(), stderr_dropped():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         exported = Path(folder) / "float.onnx"
-        torch.onnx.export(copy.deepcopy(model).cpu().eval(), example, str(exported), dynamo=False, opset_version=17,
-                          input_names=list(ONNX_INPUTS), output_names=list(TASKS), dynamic_axes=free)
-        proto = onnx.load(str(quantize_onnx(exported, calibration) if calibration is not None else exported))
+        torch.onnx.export(copy.deepcopy(model).cpu().eval(), example[:len(inputs)], str(exported), dynamo=False,
+                          opset_version=17, input_names=list(inputs), output_names=tasks,
+                          dynamic_axes={k: v for k, v in free.items() if k in (*inputs, *tasks)})
+        proto = onnx.load(str(quantize_onnx(exported, calibration, inputs) if calibration is not None else exported))
     entry = proto.metadata_props.add()
     entry.key = deployment.METADATA_KEY
     entry.value = json.dumps(dict(
         contract=INPUT_CONTRACT, labels=meta["labels"], quantized=calibration is not None,
         image=dict(size=size, normalization=[NORM_MEAN, NORM_STD]),
         text=dict(max_tokens=meta["max_tokens"], vocab=meta["vocab"], unk_index=meta["unk_index"],
-                  pad_index=meta["student"]["pad_id"]),
-        tokenizer_json=base64.b64encode(meta["tokenizer_json"]).decode(),
+                  pad_index=meta["student"]["pad_id"]) if model.reads_text else None,
+        tokenizer_json=base64.b64encode(meta["tokenizer_json"]).decode() if model.reads_text else None,
         student=meta["student"], tokenizer=meta["tokenizer"], data=meta["data"]))
     atomic_write(path, lambda tmp: tmp.write_bytes(proto.SerializeToString()))
 
@@ -1559,7 +1661,7 @@ def stderr_dropped():
 QUANTIZED_OPS = ["Conv", "Clip", "Relu", "Add", "GlobalAveragePool", "Gemm", "MatMul", "Gather"]  # all but the LSTM
 
 
-def quantize_onnx(source: Path, calibration: Split) -> Path:
+def quantize_onnx(source: Path, calibration: Split, inputs: tuple[str, ...]) -> Path:
     """ONNX Runtime's static int8 of the float model at source: weights int8 (per channel for the convolutions), every
     activation range fixed from the calibration samples, read once with their text and once without, so that an
     answer depends on its own image and text alone, never on the rest of the batch (dynamic quantization would
@@ -1570,10 +1672,10 @@ def quantize_onnx(source: Path, calibration: Split) -> Path:
 
     class Feeds(CalibrationDataReader):
         def __init__(self):
-            rows = torch.arange(len(calibration.images)).split(64)
-            self.batches = (dict(zip(ONNX_INPUTS, (normalize(calibration.images[i]).numpy(), calibration.ids[i].numpy(),
-                                                   calibration.mask[i].numpy() * keep)))
-                            for keep in (1, 0) for i in rows)
+            rows = torch.arange(len(calibration)).split(64)
+            self.batches = (dict(zip(inputs, (normalize(calibration.pixels(i)).numpy(), calibration.ids[i].numpy(),
+                                              calibration.mask[i].numpy() * keep)))
+                            for keep in ((1, 0) if len(inputs) > 1 else (1,)) for i in rows)
 
         def get_next(self):
             return next(self.batches, None)
@@ -1593,11 +1695,13 @@ class OnnxStudent(nn.Module):
     def __init__(self, path: str | Path, threads: int = 0):
         super().__init__()
         self.session, self.meta = deployment.open_model(str(path), threads)
+        self.reads_text = self.meta["text"] is not None
 
-    def forward(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        feeds = dict(zip(ONNX_INPUTS, (images.detach().cpu().float().numpy(), ids.detach().cpu().long().numpy(),
-                                       mask.detach().cpu().long().numpy())))
-        return tuple(torch.from_numpy(out) for out in self.session.run(list(TASKS), feeds))
+    def forward(self, images: torch.Tensor, ids: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        feeds = dict(zip(ONNX_INPUTS, (images.detach().cpu().float().numpy(), *(
+            t.detach().cpu().long().numpy() for t in (ids, mask) if self.reads_text))))
+        return tuple(torch.from_numpy(out) for out in self.session.run(list(self.meta["labels"]), feeds))
 
 
 def open_student(path: str | Path) -> tuple[nn.Module, dict]:
@@ -1624,9 +1728,9 @@ def cpu_speed(model: Callable, size: int, vocab_size: int, max_tokens: int, repe
 
     def inputs(batch: int) -> tuple:
         generator = torch.Generator().manual_seed(0)
-        return (torch.randn(batch, 3, size, size, generator=generator),
-                torch.randint(1, vocab_size, (batch, max_tokens), generator=generator),
-                torch.ones(batch, max_tokens, dtype=torch.long))
+        images = torch.randn(batch, 3, size, size, generator=generator)
+        return (images, torch.randint(1, vocab_size, (batch, max_tokens), generator=generator),
+                torch.ones(batch, max_tokens, dtype=torch.long)) if vocab_size else (images,)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -1637,23 +1741,19 @@ def cpu_speed(model: Callable, size: int, vocab_size: int, max_tokens: int, repe
         torch.set_num_threads(threads)
 
 
-PRUNING_COLUMNS = ["stage", "epoch", "modality_acc", "location_acc", "score"]
-
-
 def compress(student: nn.Module, data: dict[str, Split], cfg, meta: dict, device: torch.device,
              amp: torch.dtype | None) -> dict:
     """Global L1 pruning and a short recovery fine-tune, with dev choosing the epoch (0: none); then
     permanent masks and int8, calibrated on train images. Logs each stage's dev accuracy to
     logs/pruning.csv; returns that report, the dev predictions before pruning and of the chosen
     pruned model, and the path of the int8 ONNX file."""
-    rows = []
+    rows, scores = [], [f"{task}_acc" for task in meta["labels"]] + ["score"]
 
     def check(stage: str, epoch: int) -> dict:
-        result = dev_check(student, data, device)
-        rows.append([stage, epoch] + [result[c] for c in PRUNING_COLUMNS[2:]])
-        write_csv(Path(cfg.LOG_DIR) / "pruning.csv", [PRUNING_COLUMNS] + rows)
-        tqdm.write(f"{stage} (epoch {epoch}) | dev modality acc {result['modality_acc']:.3f} | "
-                   f"location acc {result['location_acc']:.3f} | mean macro-F1 {result['score']:.4f}")
+        result = dev_check(student, data, device, list(meta["labels"]))
+        rows.append([stage, epoch] + [result[c] for c in scores])
+        write_csv(Path(cfg.LOG_DIR) / "pruning.csv", [["stage", "epoch", *scores]] + rows)
+        tqdm.write(f"{stage} (epoch {epoch}) | dev " + " | ".join(f"{c.replace('_', ' ')} {result[c]:.3f}" for c in scores))
         return result
 
     before = check("float", 0)
@@ -1662,7 +1762,7 @@ def compress(student: nn.Module, data: dict[str, Split], cfg, meta: dict, device
     optimizer = adamw([p for p in student.parameters() if p.requires_grad], cfg.PRUNE_LR, cfg.WEIGHT_DECAY, device)
     scaler, generator = grad_scaler(device, amp), torch.Generator().manual_seed(cfg.SEED + 1)
     pruned = best = check("pruned", 0) | dict(epoch=0, state=copy.deepcopy(student.state_dict()))
-    distiller = Distiller(student, nn.ModuleDict(), cfg.IMAGE_ONLY_LOSS > 0)  # no feature term in the recovery
+    distiller = Distiller(student, nn.ModuleDict(), cfg.IMAGE_ONLY_LOSS > 0 and student.reads_text)  # no feature term
     for epoch in range(1, cfg.PRUNE_FINETUNE_EPOCHS + 1):
         train_epoch(distiller, data["train"], optimizer, None, scaler, cfg, device, amp, generator)
         result = check("recovery", epoch)
@@ -1671,11 +1771,11 @@ def compress(student: nn.Module, data: dict[str, Split], cfg, meta: dict, device
     student.load_state_dict(best["state"])
     make_pruning_permanent(student)
     train = data["train"]
-    pick = torch.randperm(len(train.images), generator=generator)[:cfg.CALIBRATION_IMAGES].to(train.images.device)
-    calibration = Split(train.images[pick].cpu(), train.ids[pick].cpu(), train.mask[pick].cpu())
+    pick = torch.randperm(len(train), generator=generator)[:cfg.CALIBRATION_IMAGES]
+    calibration = Split(train.pixels(pick), train.ids[pick].cpu(), train.mask[pick].cpu())
     onnx_path = Path(cfg.RESULTS_DIR) / "lightweight_vlm_int8.onnx"
     export_onnx(student, onnx_path, meta, calibration)
-    accuracies = lambda result: {c: result[c] for c in PRUNING_COLUMNS[2:]}
+    accuracies = lambda result: {c: result[c] for c in scores}
     report = dict(amount=cfg.PRUNE_AMOUNT, sparsity=round(sparsity(student), 4), before=accuracies(before),
                   after_pruning=accuracies(pruned), after_recovery=accuracies(best), recovery_epoch=best["epoch"])
     return dict(report=report, onnx_path=onnx_path,
@@ -1716,19 +1816,19 @@ def calibration_error(probabilities: torch.Tensor, labels: torch.Tensor) -> floa
                  / len(labels), 4)
 
 
-def calibrate(model: nn.Module, data: dict[str, Split], path: Path) -> dict:
+def calibrate(model: nn.Module, data: dict[str, Split], path: Path, tasks: list[str]) -> dict:
     """Fit each task's temperature on the dev logits of the student in the file at path, write it into that file
     (predict.py divides the logits by it), and return per task the temperature and the ECE on every evaluated split
     before and after it, and the logits."""
     logits = {split: predict(model, d, torch.device("cpu")) for split, d in data.items() if split != "train"}
     report = {}
-    for i, task in enumerate(TASKS):
+    for i, task in enumerate(tasks):
         labels = {split: data[split].labels[i].cpu() for split in logits}
         temperature = fit_temperature(logits["dev"][i], labels["dev"])
         report[task] = dict(temperature=temperature) | {
             f"{split}_ece_{when}": calibration_error((lg[i] / t).softmax(1), labels[split])
             for split, lg in logits.items() for when, t in (("before", 1.0), ("after", temperature))}
-    save_temperature(path, {task: report[task]["temperature"] for task in TASKS})
+    save_temperature(path, {task: report[task]["temperature"] for task in tasks})
     return dict(report=report, logits=logits)
 
 
@@ -1744,26 +1844,27 @@ def save_temperature(path: Path, temperature: dict[str, float]) -> None:
         save_torch(path, torch.load(path, map_location="cpu", weights_only=True) | dict(temperature=temperature))
 
 
-def summary(metrics: dict[str, dict]) -> dict:
-    return {f"{task}_{k}": round(float(metrics[task][k]), 4) for task in TASKS for k in ("acc", "f1")}
+def summary(metrics: dict[str, dict], tasks: list[str]) -> dict:
+    return {f"{task}_{k}": round(float(metrics[task][k]), 4) for task in tasks for k in ("acc", "f1")}
 
 
 def evaluate_student(model: nn.Module, data: dict[str, Split], names: dict, device: torch.device) -> dict:
-    """Full metrics per evaluated split and task: fused, and taken apart: with the text removed ('image_only') and,
-    for a torch student, with the image vector zeroed ('text_only')."""
-    parts = {"image_only": dict(with_text=False)} | ({"text_only": dict(with_image=False)}
-                                                      if isinstance(model, Student) else {})
+    """Full metrics per evaluated split and task: fused, and, for a student that reads text, taken apart: with the
+    text removed ('image_only') and, for a torch student, with the image vector zeroed ('text_only')."""
+    parts = ({"image_only": dict(with_text=False)} | ({"text_only": dict(with_image=False)}
+                                                      if isinstance(model, Student) else {})) if model.reads_text else {}
     return {split: evaluate_logits(predict(model, d, device), d, names) |
             {part: evaluate_logits(predict(model, d, device, **reads), d, names) for part, reads in parts.items()}
             for split, d in data.items() if split != "train"}
 
 
-def student_summary(evaluation: dict) -> dict:
-    return {split: summary(e) | {part: summary(e[part]) for part in ("image_only", "text_only") if part in e}
+def student_summary(evaluation: dict, tasks: list[str]) -> dict:
+    return {split: summary(e, tasks) | {part: summary(e[part], tasks) for part in ("image_only", "text_only") if part in e}
             for split, e in evaluation.items()}
 
 
-RESULT_COLUMNS = [f"{task}_{k}" for task in TASKS for k in ("acc", "f1")]
+def result_columns(metrics: dict) -> list[str]:
+    return list(metrics["teacher"]["dev"])
 
 
 def result_rows(metrics: dict) -> list[tuple[str, str, dict]]:
@@ -1778,12 +1879,13 @@ def result_rows(metrics: dict) -> list[tuple[str, str, dict]]:
 def compression_lines(metrics: dict) -> list[str]:
     """Sizes, what pruning cost on dev, how often the int8 student agrees with its float versions, and speed."""
     pruning, speed = metrics["pruning"], metrics["speed"]
-    accuracies = lambda stage: " / ".join(f"{pruning[stage][f'{task}_acc']:.3f}" for task in TASKS)
+    tasks = [column.removesuffix("_acc") for column in pruning["before"] if column.endswith("_acc")]
+    accuracies = lambda stage: " / ".join(f"{pruning[stage][f'{task}_acc']:.3f}" for task in tasks)
     timing = lambda key, unit: ", ".join(f"{name.replace('_', ' ')} {values[key]:,} {unit}" for name, values in speed.items())
     return [f"parameters: teacher {metrics['teacher_params']:,}, student {metrics['student_params']:,} | files: "
             f"float {metrics['student_file_bytes']:,} B, ONNX float {metrics['student_onnx_file_bytes']:,} B, ONNX int8 "
             f"{metrics['student_onnx_int8_file_bytes']:,} B",
-            f"pruning {pruning['amount']:.0%} (sparsity {pruning['sparsity']:.3f}), dev acc modality / location: "
+            f"pruning {pruning['amount']:.0%} (sparsity {pruning['sparsity']:.3f}), dev acc {' / '.join(tasks)}: "
             f"before {accuracies('before')}, pruned {accuracies('after_pruning')}, after recovery "
             f"{accuracies('after_recovery')} (epoch {pruning['recovery_epoch']})",
             "ONNX int8 student, same dev label as " + ", ".join(
@@ -1805,9 +1907,10 @@ def calibration_lines(metrics: dict) -> list[str]:
 
 
 def print_table(metrics: dict) -> None:
-    print(f"\n{'model':<32}{'split':<7}" + "".join(f"{c:>14}" for c in RESULT_COLUMNS))
+    columns = result_columns(metrics)
+    print(f"\n{'model':<32}{'split':<7}" + "".join(f"{c:>14}" for c in columns))
     for name, split, row in result_rows(metrics):
-        print(f"{name:<32}{split:<7}" + "".join(f"{row[c]:>14.4f}" for c in RESULT_COLUMNS))
+        print(f"{name:<32}{split:<7}" + "".join(f"{row[c]:>14.4f}" for c in columns))
     print("\n".join(compression_lines(metrics) + calibration_lines(metrics)))
 
 
@@ -1827,8 +1930,8 @@ def plot_learning_curves(log: list[list], best_epoch: int, freeze_epochs: int, p
     import matplotlib.pyplot as plt
     header, rows = log[0], log[1:]
     column = lambda name: [float(r[header.index(name)]) for r in rows]
-    panels = {"train loss": ["train_loss"], "dev accuracy": ["val_modality_acc", "val_location_acc"],
-              "dev macro-F1": ["modality_f1", "location_f1"], "learning rate": ["lr"]}
+    panels = {"train loss": ["train_loss"], "dev accuracy": [c for c in header if c.startswith("val_")],
+              "dev macro-F1": [c for c in header if c.endswith("_f1")], "learning rate": ["lr"]}
     fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
     for ax, (title, names) in zip(axes.flat, panels.items()):
         for name in names:
@@ -1870,8 +1973,8 @@ def plot_calibration(calibrated: dict, labels: dict[str, tuple], model: str, pat
     temperature fitted on dev."""
     import matplotlib.pyplot as plt
     report, logits = calibrated["report"], calibrated["logits"]
-    fig, axes = plt.subplots(len(TASKS), len(logits), figsize=(4.5 * len(logits), 4.2 * len(TASKS)), squeeze=False)
-    for i, task in enumerate(TASKS):
+    fig, axes = plt.subplots(len(report), len(logits), figsize=(4.5 * len(logits), 4.2 * len(report)), squeeze=False)
+    for i, task in enumerate(report):
         for ax, (split, split_logits) in zip(axes[i], logits.items()):
             ax.plot([0, 1], [0, 1], linestyle="--", color="0.6", label="calibrated")
             for when, temperature in (("before", 1.0), ("after", report[task]["temperature"])):
@@ -1898,20 +2001,20 @@ def write_report(path: Path, argv: list[str], cfg, data: dict, names: dict, metr
     lines = ["# light-weight-vlm run report", "", "```", shlex.join(["python", "light-weight-vlm.py", *argv]), "```", "",
              "## Constants that differ from the defaults", ""]
     lines += markdown_table(["constant", "value", "default"], changed) if changed else ["none"]
-    for task in TASKS:
-        counts = {split: Counter(d.labels[TASKS.index(task)].tolist()) for split, d in data.items()}
+    for i, task in enumerate(names):
+        counts = {split: Counter(d.labels[i].tolist()) for split, d in data.items()}
         lines += ["", f"## Data: {task}", ""] + markdown_table(
             ["split", *names[task], "total"],
             [[split, *(c[i] for i in range(len(names[task]))), sum(c.values())] for split, c in counts.items()])
     if data["train"].case_texts is not None:
-        lines += ["", f"Case texts (CASE_TEXTS), text-only location samples of train cases: "
-                      f"{len(data['train'].case_texts.location)}"]
+        lines += ["", f"Case texts (CASE_TEXTS), text-only samples of train cases: {len(data['train'].case_texts.ids)}"]
     lines += ["", "## Skipped samples", ""]
     lines += markdown_table(["reason", "count"], [[r, n] for r, n in metrics["skipped"].items()]) \
         if metrics["skipped"] else ["none"]
+    columns = result_columns(metrics)
     lines += ["", "## Teacher, student and int8 student", ""] + markdown_table(
-        ["model", "split", *RESULT_COLUMNS], [[name, split, *(f"{row[c]:.4f}" for c in RESULT_COLUMNS)]
-                                              for name, split, row in result_rows(metrics)])
+        ["model", "split", *columns], [[name, split, *(f"{row[c]:.4f}" for c in columns)]
+                                       for name, split, row in result_rows(metrics)])
     lines += [part for line in compression_lines(metrics) for part in ("", line)]
     lines += ["", f"## Calibration ({ECE_BINS}-bin expected calibration error)", ""]
     lines += [part for line in calibration_lines(metrics) for part in (line, "")]
@@ -1919,8 +2022,7 @@ def write_report(path: Path, argv: list[str], cfg, data: dict, names: dict, metr
     lines += ["", f"best checkpoint: epoch {metrics['best_epoch']}", "",
               "## Wall time per stage", ""] + markdown_table(["stage", "seconds"], [[k, v] for k, v in stages.items()])
     lines += ["", "## Learning curves", "", "![learning curves](learning_curves.png)", "",
-              "## Confusion matrices of the best checkpoint", "", "![modality](confusion_modality.png)", "",
-              "![location](confusion_location.png)", ""]
+              "## Confusion matrices of the best checkpoint", ""] + [f"![{task}](confusion_{task}.png)\n" for task in names]
     atomic_write(path, lambda tmp: tmp.write_text("\n".join(lines)))
 
 
@@ -2043,17 +2145,21 @@ def save_pretrained_whole(folder: Path, *parts) -> None:
 
 
 def student_tokenizer(cfg, teacher: dict):
+    """None for an image-only data set (TEXT_COLUMNS ())."""
+    if not cfg.TEXT_COLUMNS:
+        return None
     if not cfg.TOKENIZER:
         return teacher.get("tokenizer") or fail("TOKENIZER is None and there is no TEXT_TEACHER to take it from")
     from transformers import AutoTokenizer
     return load_pretrained(AutoTokenizer, cfg.TOKENIZER, "TOKENIZER")
 
 
-def prepare_split(samples: list[dict], images: dict, tokenizer, vocab: list[int], names: dict, split: str,
+def prepare_split(samples: list[dict], images: torch.Tensor, tokenizer, vocab: list[int], names: dict, split: str,
                   cfg) -> Split:
-    ids, mask = tokenize(tokenizer, [s["text"] for s in samples], cfg.MAX_TOKENS, vocab)
-    return Split(torch.stack([images[s["image_key"]] for s in samples]), ids, mask,
-                 tuple(encode_labels(samples, task, names[task], split) for task in TASKS))
+    no_text = torch.zeros(len(samples), 0, dtype=torch.long)
+    ids, mask = tokenize(tokenizer, [s["text"] for s in samples], cfg.MAX_TOKENS, vocab) if tokenizer else (no_text,) * 2
+    return Split(images, ids, mask, tuple(encode_labels(samples, task, names[task], split) for task in names),
+                 rows=torch.tensor([s["image_row"] for s in samples]))
 
 
 INTERRUPTED = []  # set by the Ctrl-C handler, so that an interrupt Python had to drop still stops the run
@@ -2102,20 +2208,22 @@ def main(argv: list[str] | None = None) -> dict | None:
             WAIT_FOR_ZERO.clear()
 
 
-def load_data(cfg) -> tuple[dict[str, list[dict]], dict[str, torch.Tensor], Counter]:
-    """Each split's samples that have a readable image, the decoded images by key, and the skipped samples counted
-    by reason. With --demo, the demo data and teachers are made first."""
-    root, skipped, images = Path(cfg.DATA_ROOT), Counter(), {}
+def load_data(cfg) -> tuple[dict[str, list[dict]], torch.Tensor, Counter]:
+    """Each split's samples that have a readable image, the image store (see load_images), and the skipped samples
+    counted by reason. With --demo, the demo data and teachers are made first."""
+    root, skipped = Path(cfg.DATA_ROOT), Counter()
     with rank_zero_first():  # under torchrun process 0 makes the demo files and decodes, the others read its cache
         if cfg.demo:  # every process, so that all draw the same random numbers after it (each file is renamed whole)
             make_demo_data(root, cfg.SEED)
             own = lambda key: Path(DEMO[key]) if getattr(cfg, key) == DEMO[key] else None  # never over a given model
             make_demo_teachers(own("VISION_TEACHER"), own("TEXT_TEACHER"), cfg.SEED)
-        check_layout(root)
-        splits = {s: load_split(root, s, skipped) for s in SPLITS if all(p.exists() for p in split_files(root, s))}
+        manifest = data_layout(root) == "manifest"
+        splits = {s: load_split(root, s, cfg, skipped) for s in SPLITS
+                  if (manifest_file(root, s) if manifest else all(p.exists() for p in split_files(root, s)))}
+        images = load_images([s for samples in splits.values() for s in samples], cfg.IMAGE_SIZE, Path(cfg.CACHE_DIR),
+                             skipped)
         for split, samples in splits.items():
-            images.update(load_images(samples, cfg.IMAGE_SIZE, Path(cfg.CACHE_DIR), skipped))
-            splits[split] = [s for s in samples if s["image_key"]]
+            splits[split] = [s for s in samples if s["image_row"] is not None]
             if not splits[split]:
                 fail(f"split '{split}' has no sample with a readable image")
     return splits, images, skipped
@@ -2135,39 +2243,40 @@ def run(cfg, argv: list[str], device: torch.device) -> dict:
 
     # data
     splits, images, skipped = load_data(cfg)
-    names = {task: label_names(splits["train"], task) for task in TASKS}
-    n_classes = (len(names["modality"]), len(names["location"]))
+    names = {task: label_names(splits["train"], task) for task in cfg.TASKS}
+    tasks, n_classes = list(names), tuple(len(classes) for classes in names.values())
     print("data: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) +
-          f" | modality {names['modality']} | location {names['location']}")
+          "".join(f" | {task} {classes}" for task, classes in names.items()))
     marks.append(("data", time.time()))
 
     # teacher
     teacher = load_teacher(cfg)
     teacher_params = sum(count_parameters(teacher[k]) for k in ("vision", "text") if k in teacher)
     features = {split: teacher_features(samples, teacher, cfg, device, amp) for split, samples in splits.items()}
-    case_texts = load_case_texts(Path(cfg.DATA_ROOT), cfg.CASE_TEXTS, splits["train"]) if cfg.CASE_TEXT_LOSS > 0 else []
-    if case_texts and "text" not in teacher:
-        print("case texts: none, since the teacher has no text tower to read them")
-        case_texts = []
+    case_texts, case_tasks = load_case_texts(Path(cfg.DATA_ROOT), cfg.CASE_TEXTS, splits["train"], tasks) if (
+        cfg.CASE_TEXT_LOSS > 0 and "text" in teacher and data_layout(Path(cfg.DATA_ROOT)) == "medpix") else ([], [])
     if case_texts:
         features["case_texts"] = case_text_features(case_texts, splits["train"], features["train"], teacher, cfg,
                                                     device, amp)
-        print(f"case texts: {len(case_texts)} from {len({t['case'] for t in case_texts})} train cases, for location")
+        print(f"case texts: {len(case_texts)} from {len({t['group'] for t in case_texts})} train cases, for "
+              f"{', '.join(case_tasks)} (the same in all images of a case)")
     tokenizer = student_tokenizer(cfg, teacher)
     vocab = student_vocabulary(tokenizer, [s["text"] for s in splits["train"]], cfg.MAX_TOKENS,
-                               [t["text"] for t in case_texts], cfg.CASE_TEXT_MIN_COUNT)
+                               [t["text"] for t in case_texts], cfg.CASE_TEXT_MIN_COUNT) if tokenizer else []
     data = {split: prepare_split(samples, images, tokenizer, vocab, names, split, cfg)
             for split, samples in splits.items()}
     heads, teacher_logits = train_teacher_heads({s: torch.cat(list(f.values()), dim=1) for s, f in features.items()},
                                                 {s: d.labels for s, d in data.items()}, n_classes, cfg)
     teacher_params += count_parameters(heads)
     if case_texts:
+        taught = tuple(tasks.index(task) for task in case_tasks)
         data["train"].case_texts = CaseTexts(*tokenize(tokenizer, [t["text"] for t in case_texts], cfg.MAX_TOKENS, vocab),
-                                             encode_labels(case_texts, "location", names["location"], "train"),
-                                             teacher_logits.pop("case_texts")[TASKS.index("location")])
+                                             taught, tuple(encode_labels(case_texts, task, names[task], "train")
+                                                           for task in case_tasks),
+                                             tuple(teacher_logits.pop("case_texts")[i] for i in taught))
     data = {split: dataclasses.replace(d, teacher=teacher_logits[split], features=features[split]).to(device)
             for split, d in data.items()}
-    metrics = {"teacher": {s: summary(evaluate_logits(teacher_logits[s], data[s], names)) for s in data}}
+    metrics = {"teacher": {s: summary(evaluate_logits(teacher_logits[s], data[s], names), tasks) for s in data}}
     columns = list(metrics["teacher"]["dev"])
     if rank_and_world()[0] == 0:
         write_csv(Path(cfg.LOG_DIR) / "teacher.csv", [["split", *columns]] +
@@ -2179,12 +2288,12 @@ def run(cfg, argv: list[str], device: torch.device) -> dict:
     kwargs = student_kwargs(cfg, tokenizer, vocab, n_classes)
     rare = f", and those the case texts hold {cfg.CASE_TEXT_MIN_COUNT}+ times" if case_texts else ""
     print(f"student vocabulary: the {len(vocab):,} token ids of the train inputs{rare} (of {len(tokenizer):,}); "
-          f"any other reads as {tokenizer.unk_token!r}")
+          f"any other reads as {tokenizer.unk_token!r}" if tokenizer else "student: image only (TEXT_COLUMNS is ())")
     student = Student(**kwargs, backbone_weights=weights)
     if cfg.BACKBONE_STAGES:
         print(f"student image encoder: EfficientNet-Lite0's stem and first {cfg.BACKBONE_STAGES} stages, "
               f"{'weights ' + weights if weights else 'random weights'}")
-    tokenizer_name = cfg.TOKENIZER or cfg.TEXT_TEACHER
+    tokenizer_name = (cfg.TOKENIZER or cfg.TEXT_TEACHER) if tokenizer else None
     if cfg.PCA_EMBEDDING and "text" in teacher and tokenizer_name == cfg.TEXT_TEACHER:
         with torch.no_grad():
             student.embedding.weight.copy_(pca_embedding(teacher["text"].get_input_embeddings().weight,
@@ -2194,11 +2303,12 @@ def run(cfg, argv: list[str], device: torch.device) -> dict:
     student.to(device, memory_format=torch.channels_last)  # training's convolutions run faster so, on CPUs and GPUs
     print(f"parameters: teacher {teacher_params:,} | student {count_parameters(student):,} | device {device}, "
           f"{amp_name(amp)}")
-    fingerprint = settings_key(**{split: [(s["image_key"], s["text"], s["modality"], s["location"]) for s in samples]
+    fingerprint = settings_key(**{split: [(s["image_key"], s["text"], *(s[task] for task in tasks)) for s in samples]
                                   for split, samples in splits.items()}, case_texts=case_texts)
-    packed = pack_tokenizer(tokenizer, [s["text"] for s in splits["train"][:200]], cfg.MAX_TOKENS, vocab)
+    packed = pack_tokenizer(tokenizer, [s["text"] for s in splits["train"][:200]], cfg.MAX_TOKENS, vocab) \
+        if tokenizer else None
     meta = dict(student=kwargs, labels=names, tokenizer=tokenizer_name, tokenizer_json=packed,
-                unk_index=vocab.index(tokenizer.unk_token_id),
+                unk_index=vocab.index(tokenizer.unk_token_id) if tokenizer else None,
                 vocab=vocab, data=fingerprint, max_tokens=cfg.MAX_TOKENS, image_size=cfg.IMAGE_SIZE,
                 normalization=(NORM_MEAN, NORM_STD))
     best = train_student(student, data, cfg, names, meta, device, amp)
@@ -2217,16 +2327,16 @@ def run(cfg, argv: list[str], device: torch.device) -> dict:
     files.update(student_onnx_int8=compressed["onnx_path"])
     int8 = OnnxStudent(compressed["onnx_path"])
     marks.append(("pruning and quantization", time.time()))
-    metrics["student"] = student_summary(evaluation)
-    metrics["student_onnx_int8"] = student_summary(evaluate_student(int8, data, names, cpu))
-    predicted = dev_check(int8, data, cpu)["predicted"]  # against the float students' dev labels
+    metrics["student"] = student_summary(evaluation, tasks)
+    metrics["student_onnx_int8"] = student_summary(evaluate_student(int8, data, names, cpu), tasks)
+    predicted = dev_check(int8, data, cpu, tasks)["predicted"]  # against the float students' dev labels
     metrics["onnx_int8_agreement"] = {reference: {task: round(float((a == b).float().mean()), 4)
-                                                  for task, a, b in zip(TASKS, labels, predicted)}
+                                                  for task, a, b in zip(tasks, labels, predicted)}
                                       for reference, labels in compressed["predicted"].items()}
     metrics["pruning"] = compressed["report"]
     metrics["teacher"].pop("train")
     marks.append(("evaluation", time.time()))
-    calibrated = {name: calibrate(open_student(path)[0], data, path) for name, path in files.items()}
+    calibrated = {name: calibrate(open_student(path)[0], data, path, tasks) for name, path in files.items()}
     metrics["calibration"] = {name: c["report"] for name, c in calibrated.items()}
     marks.append(("calibration", time.time()))
     timed = dict(float=load_student(files["student"])[0], onnx_int8=OnnxStudent(compressed["onnx_path"], threads=1))
@@ -2238,6 +2348,8 @@ def run(cfg, argv: list[str], device: torch.device) -> dict:
     metrics.update(student_params=count_parameters(student), teacher_params=teacher_params,
                    **{f"{name}_file_bytes": path.stat().st_size for name, path in files.items()},
                    best_epoch=best["epoch"], max_tokens=cfg.MAX_TOKENS, skipped=dict(skipped), precision=amp_name(amp),
+                   labels={split: {task: dict(Counter(names[task][i] for i in d.labels[k].tolist()))
+                                   for k, task in enumerate(tasks)} for split, d in data.items()},
                    device=f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu",
                    seconds=round(time.time() - marks[0][1], 1))
     write_json(results / "metrics.json", metrics)
@@ -2247,7 +2359,7 @@ def run(cfg, argv: list[str], device: torch.device) -> dict:
     import matplotlib
     matplotlib.use("Agg")  # files only: servers have no display
     plot_learning_curves(best["log"], best["epoch"], cfg.FREEZE_EPOCHS, results / "learning_curves.png")
-    for task in TASKS:
+    for task in tasks:
         plot_confusions({split: e[task]["confusion"] for split, e in evaluation.items()}, names[task], task,
                         results / f"confusion_{task}.png")
     plot_calibration(calibrated["student_onnx_int8"], {split: data[split].labels for split in evaluation},

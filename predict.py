@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Modality and body-location category of medical images, from a light-weight-vlm student file (.onnx) in ONNX
-Runtime. Needs numpy, Pillow and onnxruntime; pydicom for DICOM files, tokenizers for --text
+"""The class of each task (MedPix 2.0: modality and body-location category) of medical images, from a light-weight-vlm
+student file (.onnx) in ONNX Runtime. Needs numpy, Pillow and onnxruntime; pydicom for DICOM files, tokenizers for --text
 (requirements-predict.txt). No PyTorch.
 
     python predict.py --image scan.png
@@ -492,6 +492,8 @@ def main(argv: list[str] | None = None) -> int:
     tasks = meta["labels"]
     temperatures = [meta.get("temperature", {}).get(task, 1.0) for task in tasks]
     texts = args.text * len(args.image) if len(args.text) == 1 else args.text or [""] * len(args.image)
+    if meta["text"] is None and (any(t.strip() for t in texts) or args.tokenizer):
+        stop(f"{args.model} was trained on images alone (no text columns): drop --text and --tokenizer")
     try:
         ids, mask = text_inputs(texts, meta, args.tokenizer)
     except Exception as e:
@@ -505,7 +507,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         stop(f"--output {args.output}: {e.strerror or e}")
     size, normalization = meta["image"]["size"], meta["image"]["normalization"]
-    run = lambda images, rows: session.run(list(tasks), {"images": images, "ids": ids[rows], "mask": mask[rows]})
+    run = lambda images, rows: session.run(list(tasks), {"images": images} | (
+        {"ids": ids[rows], "mask": mask[rows]} if meta["text"] else {}))
     counts, batch = Counter(), []
 
     def answer(batch: list[tuple[dict, dict]]) -> None:

@@ -5,9 +5,9 @@
 
 Rows: the teacher; the full default; the default without one of its parts or with a setting probed against it
 (see ROWS), each taken apart: image only (text removed at inference) and text only (its image vector zeroed);
-each row's location against its runs' teacher and paired, run by run, against the default; then per run of each row:
-its teacher, fused, image only, text only. --rows picks some of them. Any other
-argument is passed to every run. Each run writes under --out/<row>/seed<k>/, and a finished run is not repeated,
+each row's tasks against its runs' teacher and paired, run by run, against the default; then per run of each row:
+its teacher, fused, image only, text only, and the share of dev's most frequent class. --rows picks some of them.
+Any other argument (--TASKS, ...) is passed to every run. Each run writes under --out/<row>/seed<k>/, and a finished run is not repeated,
 so an interrupted benchmark resumes where it stopped.
 
 With --folds K, grouped K-fold cross-validation over the train and dev cases together instead, once per seed of
@@ -15,14 +15,23 @@ With --folds K, grouped K-fold cross-validation over the train and dev cases tog
 (sklearn's GroupKFold on U_id); the fold data sets are written under --out/folds/ (images linked, not copied),
 and each row is the mean ± sd over the K folds of every seed; a fold's rows run side by side. The test split is
 never read.
+
+With --manifest, the data (or each fold) is written as a CSV manifest instead, by the script's own MedPix reader
+(columns image, caption, history, modality, location, plane, group), so that every run reads the manifest path;
+CASE_TEXTS, a MedPix-only extra, are then not used. A --DATA_ROOT that is a manifest already is folded by its group
+column (a row without one is a group of its own).
 """
 
 import argparse
+import csv
+import functools
+import importlib.util
 import json
 import os
 import statistics
 import subprocess
 import sys
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -49,9 +58,9 @@ ROWS = {  # the default, the default without one of its parts, and settings prob
     "lr-4e-3": ["--LR", "0.004"],
     "ema-0.998": ["--EMA_DECAY", "0.998"],
 }
-COLUMNS = ("modality_acc", "location_acc", "modality_f1", "location_f1")
-PARTS = {"": lambda m: m["student"]["dev"], ", image only": lambda m: m["student"]["dev"]["image_only"],
-         ", text only": lambda m: m["student"]["dev"]["text_only"]}  # the student, fused and taken apart
+PARTS = {"": lambda m: m["student"]["dev"], ", image only": lambda m: m["student"]["dev"].get("image_only"),
+         ", text only": lambda m: m["student"]["dev"].get("text_only")}  # the student, fused and taken apart (or None)
+MANIFEST_COLUMNS = ("image", "caption", "history", "modality", "location", "plane", "group")
 
 
 def run(out: Path, row: str, seed: int, passthrough: list[str], threads: int, fold: Path | None = None) -> dict:
@@ -70,8 +79,55 @@ def run(out: Path, row: str, seed: int, passthrough: list[str], threads: int, fo
     return json.loads(metrics.read_text())
 
 
-def write_folds(root: Path, k: int, out: Path) -> list[Path]:
-    """K data sets in the MedPix layout whose dev splits are the K groups of GroupKFold over the train and dev cases."""
+@functools.cache
+def script():
+    """light-weight-vlm.py as a module, for its data readers."""
+    spec = importlib.util.spec_from_file_location("light_weight_vlm", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_manifest(root: Path, out: Path, splits: tuple = ("train", "dev")) -> Path:
+    """The MedPix 2.0 data at root as a CSV manifest in out (train.csv, dev.csv; image paths absolute)."""
+    for split in splits:
+        rows = [row | dict(image=str((root / row["image"]).resolve()) if row["image"] else "")
+                for _, row in script().medpix_rows(root, split, Counter())]
+        write_csv(out / f"{split}.csv", MANIFEST_COLUMNS, rows)
+    return out
+
+
+def write_csv(path: Path, columns, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_manifest_folds(root: Path, k: int, out: Path) -> list[Path]:
+    """K manifests whose dev splits are the K groups of GroupKFold over the train and dev rows of the manifest at root,
+    by their group column (a row without one is a group of its own); image paths made absolute."""
+    from sklearn.model_selection import GroupKFold
+    lvm, rows = script(), []
+    for split in ("train", "dev"):
+        for _, row in lvm.read_manifest(lvm.manifest_file(root, split), ["image"]):
+            image = Path(lvm.cell(row["image"]))
+            rows.append(row | dict(image=str(image if image.is_absolute() else (root / image).resolve())
+                                   if lvm.cell(row["image"]) else ""))
+    groups = [lvm.cell(row.get("group")) or f"\0row {i}" for i, row in enumerate(rows)]
+    columns = list(dict.fromkeys(column for row in rows for column in row))
+    folds = []
+    for i, picked in enumerate(GroupKFold(k).split(rows, groups=groups)):
+        folds.append(out / f"fold{i + 1}of{k}")
+        for split, indexes in zip(("train", "dev"), picked):
+            write_csv(folds[-1] / f"{split}.csv", columns, [rows[j] for j in indexes])
+    return folds
+
+
+def write_folds(root: Path, k: int, out: Path, manifest: bool = False) -> list[Path]:
+    """K data sets in the MedPix layout (or as manifests) whose dev splits are the K groups of GroupKFold over the
+    train and dev cases."""
     import jsonlines
     from sklearn.model_selection import GroupKFold
     def read(name: str) -> list[dict]:
@@ -90,7 +146,7 @@ def write_folds(root: Path, k: int, out: Path) -> list[Path]:
             for name, records in (("data", cases), ("descriptions", images)):
                 with jsonlines.open(folder / "splitted_dataset" / f"{name}_{split}.jsonl", "w") as w:
                     w.write_all([r for r in records if keep(r.get("U_id"))])
-        folds.append(folder)
+        folds.append(write_manifest(folder, out / f"manifest-{folder.name}") if manifest else folder)
     return folds
 
 
@@ -110,54 +166,63 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time; the CPU threads are shared among them")
     parser.add_argument("--folds", type=int, help="grouped K-fold cross-validation over train + dev instead")
+    parser.add_argument("--manifest", action="store_true", help="runs read the data as a CSV manifest")
     parser.add_argument("--out", type=Path, default=Path("results/ablation"))
     args, passthrough = parser.parse_known_args()
     rows = ["default"] + [row for row in args.rows if row != "default"]
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     if args.folds:
-        folds = write_folds(data_root(passthrough), args.folds, args.out / "folds")
+        root = data_root(passthrough)
+        folds = write_manifest_folds(root, args.folds, args.out / "folds") if script().manifest_file(root, "train") \
+            else write_folds(root, args.folds, args.out / "folds", args.manifest)
         tasks = [(row, seed, fold) for seed in args.seeds for fold in folds for row in rows]  # a fold's rows side by side
         over = f"{args.folds} folds of the train + dev cases (grouped by case) x seeds {args.seeds}"
     else:
-        tasks = [(row, seed, None) for row in rows for seed in args.seeds]
+        data = write_manifest(data_root(passthrough), args.out / "manifest") if args.manifest else None
+        tasks = [(row, seed, data) for row in rows for seed in args.seeds]
         over = f"seeds {args.seeds}"
     with ThreadPoolExecutor(args.jobs) as pool:
         results = list(pool.map(lambda task: run(args.out, task[0], task[1], passthrough, threads, task[2]), tasks))
     by_row = {row: [m for (r, *_), m in zip(tasks, results) if r == row] for row in rows}
     run_names = {row: [f"{t[2].name}-seed{t[1]}" if t[2] else f"seed{t[1]}" for t in tasks if t[0] == row] for row in rows}
     default = by_row["default"]
+    names = [k.removesuffix("_acc") for k in default[0]["teacher"]["dev"] if k.endswith("_acc")]  # the runs' TASKS
+    columns = [f"{task}_{k}" for k in ("acc", "f1") for task in names]
     table = {"teacher": [m["teacher"]["dev"] for m in default]} | {
-        f"student, {row}{part}": [read(m) for m in by_row[row]] for row in rows for part, read in PARTS.items()} | {
-        "int8 student (ONNX Runtime), default": [m["student_onnx_int8"]["dev"] for m in default]}
+        f"student, {row}{part}": [read(m) for m in by_row[row]] for row in rows for part, read in PARTS.items()
+        if read(by_row[row][0])} | {"int8 student (ONNX Runtime), default": [m["student_onnx_int8"]["dev"] for m in default]}
     lines = [f"dev split, mean ± sd over {over}", "",
-             "| model | " + " | ".join(COLUMNS) + " |", "| --- |" + " --- |" * len(COLUMNS)]
-    lines += [f"| {name} | " + " | ".join(mean_sd([m[c] for m in runs]) for c in COLUMNS) + " |"
+             "| model | " + " | ".join(columns) + " |", "| --- |" + " --- |" * len(columns)]
+    lines += [f"| {name} | " + " | ".join(mean_sd([m[c] for m in runs]) for c in columns) + " |"
               for name, runs in table.items()]
-    acc = lambda m, part, task: PARTS[part](m)[f"{task}_acc"]
-    lines += ["", "location accuracy against the same run's teacher (student - teacher), and each row paired run by run "
-                  "against the default's run of the same fold and seed (row - default):", "",
-              "| row | location - teacher | runs >= teacher + 0.02 | text only: location - teacher | location - default | "
-              "text only: location - default | modality - default |", "| --- |" + " --- |" * 6]
+    acc = lambda m, part, task: (PARTS[part](m) or {}).get(f"{task}_acc", float("nan"))
+    majority = lambda m, task: max(m["labels"]["dev"][task].values()) / sum(m["labels"]["dev"][task].values())
+    lines += ["", "accuracy per task against the same run's teacher (student - teacher) and the share of dev's most "
+                  "frequent class, and each row paired run by run against the default's run of the same fold and seed "
+                  "(row - default):", "",
+              "| row | task | student - teacher | runs >= teacher + 0.02 | student - majority share | text only - teacher | "
+              "student - default | text only - default |", "| --- |" + " --- |" * 7]
     for row in rows:
         runs, pairs = by_row[row], list(zip(by_row[row], default))
-        teacher = [m["teacher"]["dev"]["location_acc"] for m in runs]
-        gap = [acc(m, "", "location") - t for m, t in zip(runs, teacher)]
-        text_gap = [acc(m, ", text only", "location") - t for m, t in zip(runs, teacher)]
-        versus = [mean_sd([acc(m, part, task) - acc(d, part, task) for m, d in pairs])
-                  for part, task in (("", "location"), (", text only", "location"), ("", "modality"))]
-        lines.append(f"| {row} | {mean_sd(gap)} | {sum(g >= 0.02 for g in gap)} of {len(gap)} | {mean_sd(text_gap)} | "
-                     + " | ".join(versus) + " |")
-    pair = lambda values: f"{values['modality_acc']:.3f} / {values['location_acc']:.3f}"
+        for task in names:
+            gap = [acc(m, "", task) - m["teacher"]["dev"][f"{task}_acc"] for m in runs]
+            cells = [mean_sd(gap), f"{sum(g >= 0.02 for g in gap)} of {len(gap)}",
+                     mean_sd([acc(m, "", task) - majority(m, task) for m in runs]),
+                     mean_sd([acc(m, ", text only", task) - m["teacher"]["dev"][f"{task}_acc"] for m in runs])]
+            cells += [mean_sd([acc(m, part, task) - acc(d, part, task) for m, d in pairs]) for part in ("", ", text only")]
+            lines.append(f"| {row} | {task} | " + " | ".join(cells) + " |")
+    accuracies = lambda values: " / ".join(f"{values[f'{task}_acc']:.3f}" for task in names) if values else "-"
     for row in rows:
-        lines += ["", f"{row} per run, accuracy modality / location:", "",
-                  "| run | teacher | student | image only | text only | seconds |", "| --- |" + " --- |" * 5]
-        lines += [f"| {name} | {pair(m['teacher']['dev'])} | " + " | ".join(pair(read(m)) for read in PARTS.values()) +
-                  f" | {m['seconds']:.0f} |" for name, m in zip(run_names[row], by_row[row])]
-    text_helps = [m["student"]["dev"]["modality_acc"] >= m["student"]["dev"]["image_only"]["modality_acc"] for m in default]
+        lines += ["", f"{row} per run, accuracy {' / '.join(names)}:", "",
+                  "| run | teacher | student | image only | text only | majority share | seconds |",
+                  "| --- |" + " --- |" * 6]
+        lines += [f"| {name} | {accuracies(m['teacher']['dev'])} | " + " | ".join(accuracies(read(m)) for read in
+                                                                            PARTS.values()) +
+                  f" | {' / '.join(f'{majority(m, task):.3f}' for task in names)} | {m['seconds']:.0f} |"
+                  for name, m in zip(run_names[row], by_row[row])]
     ece = lambda when: mean_sd([m["calibration"]["student_onnx_int8"][task][f"dev_ece_{when}"]
-                                for m in default for task in ("modality", "location")])
-    lines += ["", f"default, modality with text >= image only in every run: {all(text_helps)} ({text_helps})",
-              f"default, ONNX int8 dev ECE (both tasks): {ece('before')} before, {ece('after')} after the temperature",
+                                for m in default for task in names])
+    lines += ["", f"default, ONNX int8 dev ECE (all tasks): {ece('before')} before, {ece('after')} after the temperature",
               f"default run wall time: {mean_sd([m['seconds'] for m in default])} s with {threads} thread(s) per run, "
               f"{args.jobs} at a time"]
     (args.out / "ablation.md").write_text("\n".join(lines) + "\n")

@@ -27,17 +27,17 @@ def run_errors(run: Path, root: Path, cache: Path) -> dict:
     with tempfile.TemporaryDirectory() as folder:  # calibrate writes the temperature into the file: into a copy
         path = Path(shutil.copy(run / "results" / "lightweight_vlm_int8.onnx", folder))
         model, meta = lvm.open_student(path)
-        samples = lvm.load_split(root, "dev", Counter())
+        samples = lvm.load_split(root, "dev", lvm.parse_config(["--TASKS", repr(tuple(meta["labels"]))]), Counter())
         images = lvm.load_images(samples, meta["image"]["size"], cache, Counter())
-        samples = [s for s in samples if s["image_key"]]
+        samples = [s for s in samples if s["image_row"] is not None]
         ids, mask = lvm.deployment.text_inputs([s["text"] for s in samples], meta, None)  # as predict.py reads it
-        dev = lvm.Split(torch.stack([images[s["image_key"]] for s in samples]), torch.from_numpy(ids),
-                        torch.from_numpy(mask), tuple(lvm.encode_labels(samples, task, meta["labels"][task], "dev")
-                                                      for task in lvm.TASKS))
-        report = lvm.calibrate(model, {"dev": dev}, path)["report"]
-    logits, cases = lvm.predict(model, dev, torch.device("cpu")), [s["case"] for s in samples]
+        dev = lvm.Split(images, torch.from_numpy(ids), torch.from_numpy(mask), tuple(
+            lvm.encode_labels(samples, task, meta["labels"][task], "dev") for task in meta["labels"]),
+                        rows=torch.tensor([s["image_row"] for s in samples]))
+        report = lvm.calibrate(model, {"dev": dev}, path, list(meta["labels"]))["report"]
+    logits, cases = lvm.predict(model, dev, torch.device("cpu")), [s["group"] for s in samples]
     errors = {}
-    for i, task in enumerate(lvm.TASKS):
+    for i, task in enumerate(meta["labels"]):
         labels, crossed = dev.labels[i], []
         for fit, held in GroupKFold(2).split(cases, groups=cases):
             temperature = lvm.fit_temperature(logits[i][fit], labels[fit])
@@ -60,7 +60,7 @@ def main() -> None:
     results = [run_errors(run, root, args.CACHE_DIR) for run, root in zip(args.runs, roots, strict=True)]
     mean_sd = lambda v: f"{statistics.mean(v):.3f} ± {statistics.stdev(v) if len(v) > 1 else 0:.3f}"
     print(f"ONNX int8 student, dev ECE ({lvm.ECE_BINS} bins), mean ± sd over {len(results)} run(s)")
-    for task in lvm.TASKS:
+    for task in results[0]:
         column = lambda key: mean_sd([r[task][key] for r in results])
         print(f"{task}: before {column('before')}, after T fitted on all of dev {column('in_sample')}; on each half "
               f"of the dev cases: before {column('halves_before')}, after T fitted on the other half "

@@ -28,8 +28,8 @@ spec.loader.exec_module(lvm)
 
 def dynamic_beyond_the_convolutions(source: Path, calibration) -> Path:
     """The quantization before static int8 everywhere."""
-    batches = iter([dict(images=lvm.normalize(calibration.images[i]).numpy(), ids=calibration.ids[i].numpy(),
-                         mask=calibration.mask[i].numpy()) for i in torch.arange(len(calibration.images)).split(64)])
+    batches = iter([dict(images=lvm.normalize(calibration.pixels(i)).numpy(), ids=calibration.ids[i].numpy(),
+                         mask=calibration.mask[i].numpy()) for i in torch.arange(len(calibration)).split(64)])
 
     class Feeds(CalibrationDataReader):
         def get_next(self):
@@ -46,11 +46,12 @@ def dynamic_beyond_the_convolutions(source: Path, calibration) -> Path:
 
 def split(root: Path, name: str, meta: dict, cache: Path):
     """A split as predict.py reads it: the images from the run's cache, the texts through the file's tokenizer."""
-    samples = lvm.load_split(root, name, Counter())
+    samples = lvm.load_split(root, name, lvm.parse_config([]), Counter())
     images = lvm.load_images(samples, meta["image"]["size"], cache, Counter())
-    samples = [s for s in samples if s["image_key"]]
+    samples = [s for s in samples if s["image_row"] is not None]
     ids, mask = lvm.deployment.text_inputs([s["text"] for s in samples], meta, None)
-    return lvm.Split(torch.stack([images[s["image_key"]] for s in samples]), torch.from_numpy(ids), torch.from_numpy(mask))
+    return lvm.Split(images, torch.from_numpy(ids), torch.from_numpy(mask),
+                     rows=torch.tensor([s["image_row"] for s in samples]))
 
 
 def main() -> None:
@@ -62,12 +63,13 @@ def main() -> None:
     reference, cpu = lvm.OnnxStudent(args.results / "lightweight_vlm.onnx"), torch.device("cpu")
     meta = reference.meta
     dev, train = (split(args.DATA_ROOT, name, meta, args.cache) for name in ("dev", "train"))
-    pick = torch.randperm(len(train.images), generator=torch.Generator().manual_seed(0))[:lvm.CALIBRATION_IMAGES]
-    calibration = lvm.Split(train.images[pick], train.ids[pick], train.mask[pick])
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:lvm.CALIBRATION_IMAGES]
+    calibration = lvm.Split(train.images, train.ids[pick], train.mask[pick], rows=train.rows[pick])
     expected = {text: [lg.argmax(1) for lg in lvm.predict(reference, dev, cpu, with_text=text)] for text in (True, False)}
     with tempfile.TemporaryDirectory() as folder:
         files = {}
-        for name, quantize in (("static", lvm.quantize_onnx), ("dynamic beyond the convolutions",
+        for name, quantize in (("static", lambda source, data: lvm.quantize_onnx(source, data, lvm.ONNX_INPUTS)),
+                               ("dynamic beyond the convolutions",
                                                               dynamic_beyond_the_convolutions)):
             work = Path(folder) / name
             work.mkdir()

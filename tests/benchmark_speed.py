@@ -32,12 +32,12 @@ def load_script():
     return module
 
 
-def teacher(lvm, n_classes: tuple[int, int]):
+def teacher(lvm, n_classes: tuple[int, ...]):
     """The teacher's inference path, and its modules."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, DistilBertConfig, DistilBertModel
     vision = CLIPVisionModelWithProjection(CLIPVisionConfig(patch_size=32, projection_dim=512)).eval()
     text = DistilBertModel(DistilBertConfig()).eval()
-    heads = lvm.teacher_heads(512 + text.config.dim, *n_classes, lvm.HEAD_HIDDEN).eval()
+    heads = lvm.teacher_heads(512 + text.config.dim, n_classes, lvm.HEAD_HIDDEN).eval()
 
     def forward(images, ids, mask):
         hidden = text(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -54,9 +54,8 @@ def main() -> None:
     lvm = load_script()
     results = Path(args.results)
     metrics = json.loads((results / "metrics.json").read_text())
-    dev = lambda model: " / ".join(f"{metrics[model]['dev'][f'{task}_acc']:.3f}" for task in lvm.TASKS)
-
     rows, meta = [], lvm.load_student(results / "lightweight_vlm.pth")[1]
+    dev = lambda model: " / ".join(f"{metrics[model]['dev'][f'{task}_acc']:.3f}" for task in meta["labels"])
     for name, file, accuracy in STUDENTS:
         model = lvm.OnnxStudent(results / file, threads=1) if file.endswith(".onnx") else lvm.load_student(results / file)[0]
         speed = lvm.cpu_speed(model, meta["image_size"], meta["student"]["vocab_size"], meta["max_tokens"], args.repeats)
@@ -71,7 +70,7 @@ def main() -> None:
 
     print(f"1 thread, torch {torch.__version__}, {meta['max_tokens']} tokens per text\n")
     print("| model | parameters | bytes | latency, batch 1 (ms) | throughput, batch 32 (samples/s) | "
-          "dev acc modality / location |")
+          f"dev acc {' / '.join(meta['labels'])} |")
     print("| --- | ---: | ---: | ---: | ---: | --- |")
     for name, params, size_bytes, latency, throughput, accuracy in rows:
         print(f"| {name} | {params:,} | {size_bytes:,} | {latency:.2f} | {throughput:.1f} | {accuracy} |")

