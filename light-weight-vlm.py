@@ -522,10 +522,8 @@ def load_case_texts(root: Path, groups: tuple, train: list[dict], tasks: tuple) 
     group of its Case fields that holds text, with the case's labels of the tasks whose label is the same in all
     images of every train case; and those tasks. Only the train split's data file is read."""
     labels = {}
-    for s in train:
-        labels.setdefault(s["group"], {task: set() for task in tasks})
-        for task in tasks:
-            labels[s["group"]][task].add(s[task])
+    for s, task in ((s, task) for s in train for task in tasks):
+        labels.setdefault(s["group"], {}).setdefault(task, set()).add(s[task])
     case_tasks = [task for task in tasks if all(len(case[task]) == 1 for case in labels.values())]
     if not case_tasks or not groups:
         return [], case_tasks
@@ -545,8 +543,7 @@ def label_names(train: list[dict], task: str) -> list[str]:
     counts = Counter(s[task] for s in train)
     if len(counts) < 2:
         fail(f"the train split has one {task} class only ({next(iter(counts))!r}): nothing to learn")
-    lone = sorted(name for name, n in counts.items() if n == 1)
-    if lone:
+    if lone := sorted(name for name, n in counts.items() if n == 1):
         print(f"warning: {task} class(es) {lone} have one train image each: too few to learn from", file=sys.stderr)
     return sorted(counts)
 
@@ -679,9 +676,8 @@ def load_images(samples: list[dict], size: int, cache_dir: Path, skipped: Counte
                 write_json(path.with_suffix(".json"), index)
     for s in samples:
         s["image_row"] = index.get(s["image_key"])
-    if not index:
-        return torch.empty(0, 3, size, size, dtype=torch.uint8)
-    return torch.from_file(str(path), size=len(index) * row_bytes, dtype=torch.uint8).view(-1, 3, size, size)
+    return torch.from_file(str(path), size=len(index) * row_bytes, dtype=torch.uint8).view(-1, 3, size, size) if index \
+        else torch.empty(0, 3, size, size, dtype=torch.uint8)
 
 
 @dataclasses.dataclass
@@ -759,13 +755,11 @@ def load_teacher(cfg) -> dict:
     elif cfg.VISION_TEACHER:
         teacher["vision"] = load_pretrained(CLIPModel, cfg.VISION_TEACHER, "VISION_TEACHER").eval()
         teacher["processor"] = load_pretrained(CLIPImageProcessor, cfg.VISION_TEACHER, "VISION_TEACHER")
-    if cfg.TEXT_TEACHER and not cfg.TEXT_COLUMNS:
-        print("text teacher: not loaded, since TEXT_COLUMNS is () (image only)")
-    elif cfg.TEXT_TEACHER:
+    if cfg.TEXT_TEACHER and cfg.TEXT_COLUMNS:  # image only (TEXT_COLUMNS ()): no text tower
         teacher["text"] = load_pretrained(AutoModel, cfg.TEXT_TEACHER, "TEXT_TEACHER").eval()
         teacher["tokenizer"] = load_pretrained(AutoTokenizer, cfg.TEXT_TEACHER, "TEXT_TEACHER")
     if not teacher:
-        fail("VISION_TEACHER and TEXT_TEACHER are both None: the teacher needs at least one tower")
+        fail("the teacher needs at least one tower: VISION_TEACHER is None, and TEXT_TEACHER is None or TEXT_COLUMNS ()")
     return teacher
 
 
@@ -1263,7 +1257,6 @@ def train_epoch(model: nn.Module, data: Split, optimizer, scheduler, scaler, cfg
     model.train()
     plan = epoch_plan(data, cfg.BATCH_SIZE, cfg.TEXT_DROPOUT, generator, rank, world)
     order, keep_text, draws = (to_device(plan[k], device) for k in ("order", "keep_text", "draws"))
-    tasks = range(len(data.labels))
     texts = data.case_texts
     if texts is not None:
         text_rows = to_device(torch.cat([rows for rows, _ in plan["texts"]]), device).split(
@@ -1276,23 +1269,23 @@ def train_epoch(model: nn.Module, data: Split, optimizer, scheduler, scaler, cfg
         idx = order[batch]
         images = augment_images(to_device(data.pixels(plan["order"][batch]), device), draws[batch])
         mask = data.mask[idx] * keep_text[batch, None]  # whole-text dropout
-        targets = [(t[idx], y[idx]) for t, y in zip(data.teacher, data.labels)]
-        task_loss = lambda logits, targets, tasks: sum(distillation_loss(
-            logits[i], t, y, cfg.KD_ALPHA[i], cfg.KD_TEMPERATURE, cfg.LABEL_SMOOTHING) for i, (t, y) in zip(tasks, targets))
+        targets = {i: (t[idx], y[idx]) for i, (t, y) in enumerate(zip(data.teacher, data.labels))}  # by task index
+        task_loss = lambda logits, targets: sum(distillation_loss(
+            logits[i], t, y, cfg.KD_ALPHA[i], cfg.KD_TEMPERATURE, cfg.LABEL_SMOOTHING) for i, (t, y) in targets.items())
         case_batch = case_targets = None
         if texts is not None and len(plan["texts"][step - 1][0]):
             rows, text_lengths = text_rows[step - 1], plan["texts"][step - 1][1]
             case_batch = (texts.ids[rows], texts.mask[rows], text_lengths)
-            case_targets = [(t[rows], y[rows]) for t, y in zip(texts.teacher, texts.labels)]
+            case_targets = {i: (t[rows], y[rows]) for i, t, y in zip(texts.tasks, texts.teacher, texts.labels)}
         step_now = step % cfg.GRAD_ACCUM_STEPS == 0 or step == len(starts)
         with model.no_sync() if distributed and not step_now else nullcontext():  # gradients meet at the step only
             with autocast(device, amp):
                 logits, adapted, case_logits = model(images, data.ids[idx], mask, plan["lengths"][batch], case_batch)
-                loss = task_loss(logits[0], targets, tasks)
+                loss = task_loss(logits[0], targets)
                 if len(logits) > 1:
-                    loss = loss + cfg.IMAGE_ONLY_LOSS * task_loss(logits[1], targets, tasks)
+                    loss = loss + cfg.IMAGE_ONLY_LOSS * task_loss(logits[1], targets)
                 if case_logits is not None:
-                    loss = loss + cfg.CASE_TEXT_LOSS * task_loss(case_logits, case_targets, texts.tasks)
+                    loss = loss + cfg.CASE_TEXT_LOSS * task_loss(case_logits, case_targets)
             if adapted:
                 teacher_vectors = {tower: f[idx] for tower, f in data.features.items()}
                 loss = loss + cfg.FEATURE_KD * feature_loss(adapted, teacher_vectors, mask.sum(1) > 0)
@@ -1486,8 +1479,8 @@ def train_student(student: nn.Module, data: dict[str, Split], cfg, names: dict, 
         frozen = epoch <= cfg.FREEZE_EPOCHS
         if pretrained and pretrained[0].requires_grad == frozen:
             set_frozen(pretrained, frozen)
-            named = ["token embedding"] * student.reads_text + ["image encoder"] * backbone
-            tqdm.write(f"epoch {epoch}: {' and '.join(named)} {'frozen' if frozen else 'unfrozen'}")
+            pretrained_parts = " and ".join(["token embedding"] * student.reads_text + ["image encoder"] * backbone)
+            tqdm.write(f"epoch {epoch}: {pretrained_parts} {'frozen' if frozen else 'unfrozen'}")
             model = None  # DistributedDataParallel takes the parameters that need gradients when it is built
         if model is None:
             model = parallel(distiller, device)
@@ -1620,14 +1613,13 @@ def export_onnx(model: nn.Module, path: Path, meta: dict, calibration: Split | N
     import onnx
     size, tasks, inputs = meta["image_size"], list(meta["labels"]), ONNX_INPUTS[:3 if model.reads_text else 1]
     example = (torch.zeros(2, 3, size, size), torch.zeros(2, 8, dtype=torch.long), torch.ones(2, 8, dtype=torch.long))
-    free = {"images": {0: "batch"}, "ids": {0: "batch", 1: "tokens"}, "mask": {0: "batch", 1: "tokens"}} | {
-        task: {0: "batch"} for task in tasks}
     with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings(), stderr_dropped():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         exported = Path(folder) / "float.onnx"
         torch.onnx.export(copy.deepcopy(model).cpu().eval(), example[:len(inputs)], str(exported), dynamo=False,
                           opset_version=17, input_names=list(inputs), output_names=tasks,
-                          dynamic_axes={k: v for k, v in free.items() if k in (*inputs, *tasks)})
+                          dynamic_axes={name: {0: "batch"} | ({1: "tokens"} if name in ("ids", "mask") else {})
+                                        for name in (*inputs, *tasks)})
         proto = onnx.load(str(quantize_onnx(exported, calibration, inputs) if calibration is not None else exported))
     entry = proto.metadata_props.add()
     entry.key = deployment.METADATA_KEY
@@ -1753,7 +1745,8 @@ def compress(student: nn.Module, data: dict[str, Split], cfg, meta: dict, device
         result = dev_check(student, data, device, list(meta["labels"]))
         rows.append([stage, epoch] + [result[c] for c in scores])
         write_csv(Path(cfg.LOG_DIR) / "pruning.csv", [["stage", "epoch", *scores]] + rows)
-        tqdm.write(f"{stage} (epoch {epoch}) | dev " + " | ".join(f"{c.replace('_', ' ')} {result[c]:.3f}" for c in scores))
+        tqdm.write(f"{stage} (epoch {epoch}) | dev " + " | ".join(f"{c.replace('_', ' ')} {result[c]:.3f}"
+                                                                for c in scores))
         return result
 
     before = check("float", 0)
@@ -1863,10 +1856,6 @@ def student_summary(evaluation: dict, tasks: list[str]) -> dict:
             for split, e in evaluation.items()}
 
 
-def result_columns(metrics: dict) -> list[str]:
-    return list(metrics["teacher"]["dev"])
-
-
 def result_rows(metrics: dict) -> list[tuple[str, str, dict]]:
     """(model, split, values) for the teacher, the student and the int8 student, image-only and text-only rows
     included."""
@@ -1880,6 +1869,7 @@ def compression_lines(metrics: dict) -> list[str]:
     """Sizes, what pruning cost on dev, how often the int8 student agrees with its float versions, and speed."""
     pruning, speed = metrics["pruning"], metrics["speed"]
     tasks = [column.removesuffix("_acc") for column in pruning["before"] if column.endswith("_acc")]
+    inputs = f"{metrics['max_tokens']}-token texts" if metrics["max_tokens"] else "images only"
     accuracies = lambda stage: " / ".join(f"{pruning[stage][f'{task}_acc']:.3f}" for task in tasks)
     timing = lambda key, unit: ", ".join(f"{name.replace('_', ' ')} {values[key]:,} {unit}" for name, values in speed.items())
     return [f"parameters: teacher {metrics['teacher_params']:,}, student {metrics['student_params']:,} | files: "
@@ -1891,7 +1881,7 @@ def compression_lines(metrics: dict) -> list[str]:
             "ONNX int8 student, same dev label as " + ", ".join(
                 f"the {reference.replace('_', ' ')} student: " + " / ".join(f"{v:.3f}" for v in values.values())
                 for reference, values in metrics["onnx_int8_agreement"].items()),
-            f"CPU, 1 thread, {metrics['max_tokens']}-token texts: batch 1 {timing('batch1_ms', 'ms')}; batch 32 "
+            f"CPU, 1 thread, {inputs}: batch 1 {timing('batch1_ms', 'ms')}; batch 32 "
             f"{timing('batch32_per_s', 'samples/s')}"]
 
 
@@ -1907,7 +1897,7 @@ def calibration_lines(metrics: dict) -> list[str]:
 
 
 def print_table(metrics: dict) -> None:
-    columns = result_columns(metrics)
+    columns = list(metrics["teacher"]["dev"])  # accuracy and macro-F1 per task
     print(f"\n{'model':<32}{'split':<7}" + "".join(f"{c:>14}" for c in columns))
     for name, split, row in result_rows(metrics):
         print(f"{name:<32}{split:<7}" + "".join(f"{row[c]:>14.4f}" for c in columns))
@@ -2011,7 +2001,7 @@ def write_report(path: Path, argv: list[str], cfg, data: dict, names: dict, metr
     lines += ["", "## Skipped samples", ""]
     lines += markdown_table(["reason", "count"], [[r, n] for r, n in metrics["skipped"].items()]) \
         if metrics["skipped"] else ["none"]
-    columns = result_columns(metrics)
+    columns = list(metrics["teacher"]["dev"])
     lines += ["", "## Teacher, student and int8 student", ""] + markdown_table(
         ["model", "split", *columns], [[name, split, *(f"{row[c]:.4f}" for c in columns)]
                                        for name, split, row in result_rows(metrics)])
@@ -2022,7 +2012,7 @@ def write_report(path: Path, argv: list[str], cfg, data: dict, names: dict, metr
     lines += ["", f"best checkpoint: epoch {metrics['best_epoch']}", "",
               "## Wall time per stage", ""] + markdown_table(["stage", "seconds"], [[k, v] for k, v in stages.items()])
     lines += ["", "## Learning curves", "", "![learning curves](learning_curves.png)", "",
-              "## Confusion matrices of the best checkpoint", ""] + [f"![{task}](confusion_{task}.png)\n" for task in names]
+              "## Confusion matrices of the best checkpoint", ""] + [f"![{t}](confusion_{t}.png)\n" for t in names]
     atomic_write(path, lambda tmp: tmp.write_text("\n".join(lines)))
 
 
@@ -2145,9 +2135,6 @@ def save_pretrained_whole(folder: Path, *parts) -> None:
 
 
 def student_tokenizer(cfg, teacher: dict):
-    """None for an image-only data set (TEXT_COLUMNS ())."""
-    if not cfg.TEXT_COLUMNS:
-        return None
     if not cfg.TOKENIZER:
         return teacher.get("tokenizer") or fail("TOKENIZER is None and there is no TEXT_TEACHER to take it from")
     from transformers import AutoTokenizer
@@ -2260,7 +2247,7 @@ def run(cfg, argv: list[str], device: torch.device) -> dict:
                                                     device, amp)
         print(f"case texts: {len(case_texts)} from {len({t['group'] for t in case_texts})} train cases, for "
               f"{', '.join(case_tasks)} (the same in all images of a case)")
-    tokenizer = student_tokenizer(cfg, teacher)
+    tokenizer = student_tokenizer(cfg, teacher) if cfg.TEXT_COLUMNS else None  # None: image only
     vocab = student_vocabulary(tokenizer, [s["text"] for s in splits["train"]], cfg.MAX_TOKENS,
                                [t["text"] for t in case_texts], cfg.CASE_TEXT_MIN_COUNT) if tokenizer else []
     data = {split: prepare_split(samples, images, tokenizer, vocab, names, split, cfg)
@@ -2347,7 +2334,8 @@ def run(cfg, argv: list[str], device: torch.device) -> dict:
     # reporting
     metrics.update(student_params=count_parameters(student), teacher_params=teacher_params,
                    **{f"{name}_file_bytes": path.stat().st_size for name, path in files.items()},
-                   best_epoch=best["epoch"], max_tokens=cfg.MAX_TOKENS, skipped=dict(skipped), precision=amp_name(amp),
+                   best_epoch=best["epoch"], max_tokens=cfg.MAX_TOKENS if tokenizer else None, skipped=dict(skipped),
+                   precision=amp_name(amp),
                    labels={split: {task: dict(Counter(names[task][i] for i in d.labels[k].tolist()))
                                    for k, task in enumerate(tasks)} for split, d in data.items()},
                    device=f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu",

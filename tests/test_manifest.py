@@ -76,6 +76,7 @@ def test_three_tasks_image_only_train_and_predict_without_a_tokenizer(lvm, demo_
     assert [o.name for o in model.graph.output] == ["modality", "location", "region"]
     student, meta = lvm.load_student(tmp_path / "results" / "lightweight_vlm.pth")
     assert not student.reads_text and meta["tokenizer_json"] is None and meta["tokenizer"] is None
+    assert metrics["max_tokens"] is None and "CPU, 1 thread, images only: batch 1" in (tmp_path / "results" / "report.md").read_text()
     assert not any("lstm" in k or "embedding" in k for k in student.state_dict())
 
     image = demo_data / "medpix" / "images" / "DEMOdev0000_synpic0.png"
@@ -178,3 +179,10 @@ def test_cross_validation_folds_of_a_manifest_keep_each_group_in_one_dev_split(t
     for group in range(4):  # p0..p3, three images each: all in one fold's dev split
         members = {f"i{k}.png" for k in range(3 * group, 3 * group + 3)}
         assert sum(bool(members & set(names)) for names in dev.values()) == 1
+
+
+def test_an_image_only_data_set_needs_a_vision_tower(lvm):
+    cfg = lvm.parse_config(["--VISION_TEACHER", "None", "--TEXT_COLUMNS", "()"])  # TEXT_TEACHER stays, unread
+    with pytest.raises(SystemExit, match="the teacher needs at least one tower: VISION_TEACHER is None, and "
+                                         r"TEXT_TEACHER is None or TEXT_COLUMNS \(\)"):
+        lvm.load_teacher(cfg)
