@@ -158,6 +158,9 @@ DEMO = dict(
 CONFIG_KEYS = [k for k, v in globals().items() if k.isupper() and isinstance(v, (int, float, str, tuple, type(None)))]
 SPLITS = ("train", "dev", "test")
 MEDPIX_URL = "https://github.com/CHILab1/MedPix-2.0"
+MEDPIX_COLUMNS = ("image", "caption", "history", "modality", "location", "plane", "group")  # of medpix_rows' rows
+RESERVED_NAMES = ("image", "group", "images", "ids", "mask", "frame", "with_text", "error", "dicom_modality",
+                  "dicom_body_part")  # manifest columns, ONNX inputs and predict.py's own output fields: no task's
 NORM_MEAN, NORM_STD = 0.5, 0.5  # every channel: (pixel / 255 - 0.5) / 0.5, to [-1, 1] as EfficientNet-Lite0 was trained
 AMP_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
@@ -179,7 +182,7 @@ def setting_parser(key: str) -> Callable[[str], object]:
             value = text
         if isinstance(default, float) and type(value) is int:
             value = float(value)
-        if isinstance(default, tuple) and isinstance(value, str):  # --TASKS modality: a tuple of one
+        if isinstance(default, tuple) and not isinstance(value, tuple):  # --TASKS plane --KD_ALPHA 0.5: a tuple of one
             value = (value,)
         if type(value) is not type(default):
             raise argparse.ArgumentTypeError(f"expected a value like {default!r}, got {text!r}")
@@ -227,10 +230,9 @@ def config_ranges(cfg: dict) -> list[tuple[str, bool, str]]:
              ("BACKBONE_STAGES", cfg["BACKBONE_STAGES"] in range(8), "one of 0 (no backbone) to 7 (all stages)"),
              ("IMAGE_SIZE", cfg["BACKBONE_STAGES"] or cfg["IMAGE_SIZE"] >= smallest,
               f"at least 2 ** len(CNN_CHANNELS) = {smallest} for the from-scratch CNN"),
-             ("TASKS", len(tasks) > 0 and names(tasks) and not {"image", "group", *texts} & set(tasks),
-              "a tuple of distinct label column names (letters, digits, _ . -), not image, group or a text column"),
-             ("TEXT_COLUMNS", names(texts) and "image" not in texts, "a tuple of distinct column names (letters, "
-                                                                     "digits, _ . -), or ()"),
+             ("TASKS", len(tasks) > 0 and names(tasks) and not {*RESERVED_NAMES, *texts} & set(tasks),
+              f"a tuple of distinct label column names (letters, digits, _ . -), not a text column nor {RESERVED_NAMES}"),
+             ("TEXT_COLUMNS", names(texts) and "image" not in texts, "a tuple of distinct column names, or ()"),
              ("KD_ALPHA", len(alpha) == len(tasks) and all(isinstance(a, (int, float)) and 0 <= a <= 1 for a in alpha),
               f"a tuple of {len(tasks)} weights in [0, 1], one per task of TASKS {tasks}"),
              ("CASE_TEXTS", all(isinstance(g, tuple) and g and all(isinstance(f, str) for f in g) for g in groups),
@@ -407,8 +409,7 @@ def read_jsonl(path: Path) -> list[tuple[int, dict]]:
 
 
 def data_layout(root: Path) -> str:
-    """'manifest' (DATA_ROOT/train.csv or train.jsonl) or 'medpix' (DATA_ROOT/splitted_dataset/); what is missing
-    of either stops the run with one line."""
+    """'manifest' (DATA_ROOT/train.csv or train.jsonl) or 'medpix' (splitted_dataset/); else the run stops."""
     if manifest_file(root, "train"):
         if not manifest_file(root, "dev"):
             fail(f"{root / 'dev.csv'} is missing: a manifest needs train and dev (and may have test), .csv or .jsonl")
@@ -454,11 +455,11 @@ def nested_text(record: dict, *keys: str) -> str | None:
     return record if isinstance(record, str) else None
 
 
-def read_manifest(path: Path, columns: list[str]) -> list[tuple[int, dict]]:
-    """(line number, row) of a manifest file: CSV with a header line, or JSON lines. A column it lacks stops the run."""
+def read_manifest(path: Path) -> tuple[list[tuple[str, dict]], set[str]]:
+    """The rows of a manifest file, (where, row), and its columns: CSV with a header line, or JSON lines."""
     if path.suffix == ".jsonl":
         rows = read_jsonl(path)
-        present = set().union(*(row.keys() for _, row in rows))
+        columns = set().union(*(row.keys() for _, row in rows))
     else:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
@@ -466,22 +467,19 @@ def read_manifest(path: Path, columns: list[str]) -> list[tuple[int, dict]]:
                 rows = [(reader.line_num, row) for row in reader]
             except (csv.Error, UnicodeDecodeError) as e:
                 fail(f"{path}:{reader.line_num + 1}: not a UTF-8 CSV line ({e})")
-            present = set(reader.fieldnames or ())
-    missing = [column for column in columns if column not in present]
-    if missing:
-        fail(f"{path}: no column {missing[0]!r} (its columns: {', '.join(sorted(present)) or 'none'})")
-    return rows
+            columns = set(reader.fieldnames or ())
+    return [(f"{path}:{lineno}", row) for lineno, row in rows], columns
 
 
 def medpix_rows(root: Path, split: str, skipped: Counter) -> list[tuple[str, dict]]:
-    """A MedPix 2.0 split as manifest rows, (where, row): image, caption, history, modality, location, plane (Axial,
-    Coronal, Sagittal, any other Description.Plane Other), group. A record whose case is not in the split's data
+    """A MedPix 2.0 split as manifest rows, (where, row), in MEDPIX_COLUMNS: plane is Axial, Coronal, Sagittal, or
+    Other for any other Description.Plane; group is the case (U_id). A record whose case is not in the split's data
     file is skipped and counted."""
     data_path, desc_path = split_files(root, split)
     cases = {r["U_id"]: r for _, r in read_jsonl(data_path) if isinstance(r.get("U_id"), str)}
     rows = []
     for lineno, record in read_jsonl(desc_path):
-        case, plane = cases.get(record.get("U_id")), nested_text(record, "Description", "Plane")
+        case, plane = cases.get(record.get("U_id")), cell(nested_text(record, "Description", "Plane"))
         if case is None:
             warn_skip(skipped, "case not in the data file", f"{desc_path}:{lineno}: case {record.get('U_id')!r} is "
                                                             f"not in {data_path.name}")
@@ -490,7 +488,7 @@ def medpix_rows(root: Path, split: str, skipped: Counter) -> list[tuple[str, dic
             image=cell(record.get("image")) and f"images/{cell(record['image'])}.png",
             caption=nested_text(record, "Description", "Caption"), history=nested_text(case, "Case", "History"),
             modality=nested_text(record, "Type"), location=nested_text(record, "Location Category"),
-            plane=plane and (plane.strip() if plane.strip() in ("Axial", "Coronal", "Sagittal") else "Other"),
+            plane=plane and (plane if plane in ("Axial", "Coronal", "Sagittal") else "Other"),
             group=record["U_id"])))
     return rows
 
@@ -500,8 +498,10 @@ def load_split(root: Path, split: str, cfg, skipped: Counter) -> list[dict]:
     TEXT_COLUMNS joined), a label per task of TASKS and the group. A row without an image or a label is skipped and
     counted."""
     path = manifest_file(root, split)
-    rows = [(f"{path}:{lineno}", row) for lineno, row in read_manifest(path, ["image", *cfg.TEXT_COLUMNS, *cfg.TASKS])
-            ] if path else medpix_rows(root, split, skipped)
+    rows, columns = read_manifest(path) if path else (medpix_rows(root, split, skipped), MEDPIX_COLUMNS)
+    if missing := [column for column in ("image", *cfg.TEXT_COLUMNS, *cfg.TASKS) if column not in columns]:
+        fail(f"{path or 'MedPix 2.0'}: no column {missing[0]!r} (its columns: {', '.join(sorted(columns)) or 'none'}"
+             f"{'' if path else '; for other texts or labels, write a manifest'})")
     samples = []
     for where, row in rows:
         missing = [column for column in ("image", *cfg.TASKS) if not cell(row.get(column))]
@@ -525,13 +525,14 @@ def load_case_texts(root: Path, groups: tuple, train: list[dict], tasks: tuple) 
     for s, task in ((s, task) for s in train for task in tasks):
         labels.setdefault(s["group"], {}).setdefault(task, set()).add(s[task])
     case_tasks = [task for task in tasks if all(len(case[task]) == 1 for case in labels.values())]
-    if not case_tasks or not groups:
-        return [], case_tasks
     cases = {r["U_id"]: r for _, r in read_jsonl(split_files(root, "train")[0]) if r.get("U_id") in labels}
     texts = [dict(group=case, text=assemble_text(*(nested_text(record, "Case", field) for field in group)),
                   **{task: next(iter(labels[case][task])) for task in case_tasks})
-             for case, record in cases.items() for group in groups]
-    return [t for t in texts if t["text"]], case_tasks
+             for case, record in cases.items() for group in groups if case_tasks]
+    texts = [t for t in texts if t["text"]]
+    print(f"case texts: {len(texts)} from {len({t['group'] for t in texts})} train cases, for the tasks with one label "
+          f"in all images of every case: {', '.join(case_tasks) or 'none'}")
+    return texts, case_tasks
 
 
 def warn_skip(skipped: Counter, reason: str, detail: str) -> None:
@@ -643,10 +644,9 @@ def decode_image(path: str, size: int) -> torch.Tensor:
 
 def load_images(samples: list[dict], size: int, cache_dir: Path, skipped: Counter) -> torch.Tensor:
     """Decode every image once into the image store of this size: a file of uint8 rows (3 x size x size each), and
-    beside it an index from each file's content hash to its row. Returns the store memory-mapped, so that memory does
-    not grow with the data set (pages are read as batches touch them), and sets each sample's 'image_row' (None for
-    an image that cannot be read, skipped and counted). Rows are appended under a lock, the index rewritten every 512:
-    an interrupted run keeps what it decoded, and runs sharing the cache never cross."""
+    beside it each row's content hash. Returns the store memory-mapped (pages are read as batches touch them), and sets
+    each sample's 'image_row' (None for an image that cannot be read, skipped and counted). Rows, then their hashes,
+    are appended under a lock every 512: an interrupted run keeps what it decoded; runs sharing the cache never cross."""
     for s in samples:
         try:
             s["image_key"] = sha256(Path(s["image"]).read_bytes())
@@ -654,26 +654,32 @@ def load_images(samples: list[dict], size: int, cache_dir: Path, skipped: Counte
             s["image_key"] = None
             warn_skip(skipped, "image unreadable", f"{s['image']}: {e.strerror or e}")
     path, row_bytes = cache_dir / f"images-{settings_key(size=size, resize='pillow-bilinear-v1')}.u8", 3 * size * size
-    with store_lock(path), open(path, "ab") as f:
-        try:
-            index = json.loads(path.with_suffix(".json").read_text()) if path.with_suffix(".json").exists() else {}
-        except (OSError, ValueError):
-            index = None
-        if not isinstance(index, dict) or len(index) * row_bytes > os.fstat(f.fileno()).st_size:
-            tqdm.write(f"cache: {path.with_suffix('.json')} is unreadable or does not fit {path.name}: rebuilding both")
-            index = {}
-        if os.fstat(f.fileno()).st_size != len(index) * row_bytes:
-            f.truncate(len(index) * row_bytes)  # rows an interrupted run wrote after its last index
-        todo = {s["image_key"]: s["image"] for s in samples if s["image_key"] and s["image_key"] not in index}
-        for n, (key, image) in enumerate(progress(todo.items(), f"decoding images at {size} px"), 1):
-            try:
-                f.write(decode_image(image, size).numpy().tobytes())
-                index[key] = len(index)
-            except IMAGE_ERRORS as e:
-                warn_skip(skipped, "image unreadable", f"{image}: {e}")
-            if n % 512 == 0 or n == len(todo):
-                f.flush()
-                write_json(path.with_suffix(".json"), index)
+    keys_path = path.with_suffix(".keys")  # line i: row i's content hash (64 hex digits), written after the row
+    with store_lock(path):
+        keys = keys_path.read_text(errors="replace").split("\n")[:-1] if keys_path.exists() else []  # cut short: dropped
+        if any(len(k) != 64 for k in keys) or len(keys) * row_bytes > (path.stat().st_size if path.exists() else 0):
+            tqdm.write(f"cache: {keys_path} is unreadable or does not fit {path.name}: a new store")
+            keys = []
+            path.unlink(missing_ok=True)  # unlinked, not truncated: a run that maps the old store keeps its pages
+            keys_path.unlink(missing_ok=True)
+        index, pending = {key: row for row, key in enumerate(keys)}, []
+        with open(path, "ab") as f, open(keys_path, "ab") as keys_file:
+            for file, width in ((f, row_bytes), (keys_file, 65)):  # what an interrupted run wrote after its last key
+                if os.fstat(file.fileno()).st_size != len(keys) * width:
+                    file.truncate(len(keys) * width)
+            todo = {s["image_key"]: s["image"] for s in samples if s["image_key"] and s["image_key"] not in index}
+            for n, (key, image) in enumerate(progress(todo.items(), f"decoding images at {size} px"), 1):
+                try:
+                    f.write(decode_image(image, size).numpy().tobytes())
+                    index[key] = len(index)
+                    pending.append(key)
+                except IMAGE_ERRORS as e:
+                    warn_skip(skipped, "image unreadable", f"{image}: {e}")
+                if n % 512 == 0 or n == len(todo):
+                    f.flush()
+                    keys_file.write("".join(f"{k}\n" for k in pending).encode())
+                    keys_file.flush()
+                    pending = []
     for s in samples:
         s["image_row"] = index.get(s["image_key"])
     return torch.from_file(str(path), size=len(index) * row_bytes, dtype=torch.uint8).view(-1, 3, size, size) if index \
@@ -711,7 +717,6 @@ class Split:
         return self.images[idx if self.rows is None else self.rows[idx]]
 
     def to(self, device: torch.device) -> "Split":
-        """Everything but the images on device."""
         return dataclasses.replace(self, **{f.name: moved(getattr(self, f.name), device)
                                             for f in dataclasses.fields(self) if f.name not in ("images", "rows")})
 
@@ -1363,8 +1368,7 @@ def confusion_rows(confusion: list[list[int]], names: list[str]) -> list[list]:
 
 
 def moved(obj, device: torch.device | str):
-    """obj (nested dicts, lists, tuples and dataclasses) with every tensor on device; on the CPU, a saved file loads
-    anywhere."""
+    """obj (nested dicts, lists, tuples and dataclasses) with every tensor on device (the CPU: a file that loads anywhere)."""
     if torch.is_tensor(obj):
         return obj.to(device)
     if dataclasses.is_dataclass(obj):
@@ -1745,8 +1749,7 @@ def compress(student: nn.Module, data: dict[str, Split], cfg, meta: dict, device
         result = dev_check(student, data, device, list(meta["labels"]))
         rows.append([stage, epoch] + [result[c] for c in scores])
         write_csv(Path(cfg.LOG_DIR) / "pruning.csv", [["stage", "epoch", *scores]] + rows)
-        tqdm.write(f"{stage} (epoch {epoch}) | dev " + " | ".join(f"{c.replace('_', ' ')} {result[c]:.3f}"
-                                                                for c in scores))
+        tqdm.write(f"{stage} (epoch {epoch}) | dev " + " | ".join(f"{c} {result[c]:.3f}" for c in scores))
         return result
 
     before = check("float", 0)
@@ -2207,8 +2210,7 @@ def load_data(cfg) -> tuple[dict[str, list[dict]], torch.Tensor, Counter]:
         manifest = data_layout(root) == "manifest"
         splits = {s: load_split(root, s, cfg, skipped) for s in SPLITS
                   if (manifest_file(root, s) if manifest else all(p.exists() for p in split_files(root, s)))}
-        images = load_images([s for samples in splits.values() for s in samples], cfg.IMAGE_SIZE, Path(cfg.CACHE_DIR),
-                             skipped)
+        images = load_images(sum(splits.values(), []), cfg.IMAGE_SIZE, Path(cfg.CACHE_DIR), skipped)  # every split
         for split, samples in splits.items():
             splits[split] = [s for s in samples if s["image_row"] is not None]
             if not splits[split]:
@@ -2239,19 +2241,17 @@ def run(cfg, argv: list[str], device: torch.device) -> dict:
     # teacher
     teacher = load_teacher(cfg)
     teacher_params = sum(count_parameters(teacher[k]) for k in ("vision", "text") if k in teacher)
-    features = {split: teacher_features(samples, teacher, cfg, device, amp) for split, samples in splits.items()}
     case_texts, case_tasks = load_case_texts(Path(cfg.DATA_ROOT), cfg.CASE_TEXTS, splits["train"], tasks) if (
         cfg.CASE_TEXT_LOSS > 0 and "text" in teacher and data_layout(Path(cfg.DATA_ROOT)) == "medpix") else ([], [])
-    if case_texts:
-        features["case_texts"] = case_text_features(case_texts, splits["train"], features["train"], teacher, cfg,
-                                                    device, amp)
-        print(f"case texts: {len(case_texts)} from {len({t['group'] for t in case_texts})} train cases, for "
-              f"{', '.join(case_tasks)} (the same in all images of a case)")
     tokenizer = student_tokenizer(cfg, teacher) if cfg.TEXT_COLUMNS else None  # None: image only
     vocab = student_vocabulary(tokenizer, [s["text"] for s in splits["train"]], cfg.MAX_TOKENS,
                                [t["text"] for t in case_texts], cfg.CASE_TEXT_MIN_COUNT) if tokenizer else []
-    data = {split: prepare_split(samples, images, tokenizer, vocab, names, split, cfg)
-            for split, samples in splits.items()}
+    data = {split: prepare_split(samples, images, tokenizer, vocab, names, split, cfg)  # a label train never has
+            for split, samples in splits.items()}  # stops the run here, before the teacher's slow pass
+    features = {split: teacher_features(samples, teacher, cfg, device, amp) for split, samples in splits.items()}
+    if case_texts:
+        features["case_texts"] = case_text_features(case_texts, splits["train"], features["train"], teacher, cfg,
+                                                    device, amp)
     heads, teacher_logits = train_teacher_heads({s: torch.cat(list(f.values()), dim=1) for s, f in features.items()},
                                                 {s: d.labels for s, d in data.items()}, n_classes, cfg)
     teacher_params += count_parameters(heads)

@@ -57,6 +57,7 @@ ROWS = {  # the default, the default without one of its parts, and settings prob
     "image-only-loss-2": ["--IMAGE_ONLY_LOSS", "2.0"],
     "lr-4e-3": ["--LR", "0.004"],
     "ema-0.998": ["--EMA_DECAY", "0.998"],
+    "freeze-2": ["--FREEZE_EPOCHS", "2"],  # for short runs (--EPOCHS 8): the pretrained parts frozen a quarter of them
 }
 PARTS = {"": lambda m: m["student"]["dev"], ", image only": lambda m: m["student"]["dev"].get("image_only"),
          ", text only": lambda m: m["student"]["dev"].get("text_only")}  # the student, fused and taken apart (or None)
@@ -111,7 +112,7 @@ def write_manifest_folds(root: Path, k: int, out: Path) -> list[Path]:
     from sklearn.model_selection import GroupKFold
     lvm, rows = script(), []
     for split in ("train", "dev"):
-        for _, row in lvm.read_manifest(lvm.manifest_file(root, split), ["image"]):
+        for _, row in lvm.read_manifest(lvm.manifest_file(root, split))[0]:
             image = Path(lvm.cell(row["image"]))
             rows.append(row | dict(image=str(image if image.is_absolute() else (root / image).resolve())
                                    if lvm.cell(row["image"]) else ""))

@@ -77,7 +77,7 @@ def test_text_is_caption_then_history_and_never_a_label_field(lvm, tmp_path):
         assert all(label not in s["text"] for s in samples)
 
 
-def test_case_texts_come_from_train_cases_only_one_per_field_group_with_the_case_labels(lvm, tmp_path):
+def test_case_texts_come_from_train_cases_only_one_per_field_group_with_the_case_labels(lvm, tmp_path, capsys):
     case = lambda uid, **fields: {"U_id": uid, "Case": {"History": "HISTORY", **fields}}
     image = lambda uid, name, location, modality="CT": {"Type": modality, "U_id": uid, "image": name,
                                                         "Location Category": location, "Description": {"Caption": "c"}}
@@ -99,6 +99,10 @@ def test_case_texts_come_from_train_cases_only_one_per_field_group_with_the_case
     assert lvm.load_case_texts(tmp_path, (), train, tasks) == ([], ["location"])
     train[-1]["location"] = "Thorax"  # case C's images now disagree on location too: no task is a case's
     assert lvm.load_case_texts(tmp_path, groups, train, tasks) == ([], [])
+    assert capsys.readouterr().out.splitlines()[-3:] == [
+        "case texts: 7 from 3 train cases, for the tasks with one label in all images of every case: location",
+        "case texts: 0 from 0 train cases, for the tasks with one label in all images of every case: location",
+        "case texts: 0 from 0 train cases, for the tasks with one label in all images of every case: none"]
 
 
 def test_unparsable_json_line_names_file_and_line(lvm, tmp_path):
@@ -181,17 +185,23 @@ def test_image_store_is_read_from_its_file_and_survives_an_interrupted_write(lvm
         f.write(bytes([77]) * 3 * 4 * 4)
     assert store[1].unique().tolist() == [77]
 
-    with open(file, "ab") as f:  # rows an interrupted run wrote after its last index: overwritten, not trusted
+    keys = file.with_suffix(".keys")
+    assert keys.read_text() == "".join(s["image_key"] + "\n" for s in samples)  # row i's content hash on line i
+    with open(file, "ab") as f:  # rows an interrupted run wrote after its last key: overwritten, not trusted
         f.write(bytes(100))
+    with open(keys, "a") as f:  # and a key it cut short
+        f.write("abc")
     samples = [{"image": str(p)} for p in paths]
     store = lvm.load_images(samples, 4, tmp_path / "cache", Counter())
     assert [s["image_row"] for s in samples] == [0, 1, 2] and file.stat().st_size == 3 * 3 * 4 * 4
-    assert store[2].unique().tolist() == [200]
+    assert store[2].unique().tolist() == [200] and keys.read_text().count("\n") == 3 and "abc" not in keys.read_text()
 
-    file.with_suffix(".json").write_text("{not json")  # a broken index: the store is rebuilt
+    old = store
+    keys.write_bytes(b"\xff not a key \n")  # a broken index: a new store, while a run that maps the old one reads on
     samples = [{"image": str(p)} for p in paths[::-1]]
     store = lvm.load_images(samples, 4, tmp_path / "cache", Counter())
     assert [store[s["image_row"]].unique().tolist() for s in samples] == [[200], [100], [10]]
+    assert old[2].unique().tolist() == [200]
 
 
 def test_cache_computes_only_missing_keys_and_rebuilds_a_corrupt_store(lvm, tmp_path):
