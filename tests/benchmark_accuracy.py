@@ -61,7 +61,6 @@ ROWS = {  # the default, the default without one of its parts, and settings prob
 }
 PARTS = {"": lambda m: m["student"]["dev"], ", image only": lambda m: m["student"]["dev"].get("image_only"),
          ", text only": lambda m: m["student"]["dev"].get("text_only")}  # the student, fused and taken apart (or None)
-MANIFEST_COLUMNS = ("image", "caption", "history", "modality", "location", "plane", "group")
 
 
 def run(out: Path, row: str, seed: int, passthrough: list[str], threads: int, fold: Path | None = None) -> dict:
@@ -94,7 +93,7 @@ def write_manifest(root: Path, out: Path, splits: tuple = ("train", "dev")) -> P
     for split in splits:
         rows = [row | dict(image=str((root / row["image"]).resolve()) if row["image"] else "")
                 for _, row in script().medpix_rows(root, split, Counter())]
-        write_csv(out / f"{split}.csv", MANIFEST_COLUMNS, rows)
+        write_csv(out / f"{split}.csv", script().MEDPIX_COLUMNS, rows)
     return out
 
 
