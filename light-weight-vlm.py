@@ -62,6 +62,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import prune
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -1215,16 +1216,14 @@ def augment_images(images: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 def epoch_plan(data: Split, batch_size: int, text_dropout: float, generator: torch.Generator, rank: int = 0,
                world: int = 1) -> dict:
-    """Every random choice of one epoch for process rank of world, drawn at once on the CPU: its samples (every
-    world-th of the epoch's permutation, which every process draws alike; the first few repeat so that all
-    processes get as many, as DistributedSampler does), in batches each sorted by text length as packing
-    wants it, which samples lose their whole text, and the augmentation draws. With case texts, their share of a
-    permutation of them, in as many batches, each sorted by length too ('texts': (rows, lengths) per batch)."""
+    """Every random choice of one epoch for process rank of world, drawn at once on the CPU: its samples
+    (DistributedSampler's share, seeded from generator, which every process holds alike), in batches each sorted by
+    text length as packing wants it, which samples lose their whole text, and the augmentation draws. With case
+    texts, their share of a permutation of them, in as many batches, each sorted by length too ('texts': (rows,
+    lengths) per batch)."""
+    sampler = DistributedSampler(data, world, rank, seed=int(torch.randint(2 ** 31, (), generator=generator)))
+    order, total = torch.tensor(list(sampler)), sampler.total_size
     lengths = data.mask.sum(1).cpu()
-    n = len(lengths)
-    total = math.ceil(n / world) * world
-    order = torch.randperm(n, generator=generator)
-    order = torch.cat([order, order[:total - n]])[rank::world]
     keep_text = (torch.rand(total, generator=generator) >= text_dropout)[rank::world]
     lengths = lengths[order] * keep_text
     by_length = torch.cat([sort_by_length(chunk) + start
