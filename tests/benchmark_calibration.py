@@ -26,7 +26,8 @@ spec.loader.exec_module(lvm)
 def run_errors(run: Path, root: Path, cache: Path) -> dict:
     with tempfile.TemporaryDirectory() as folder:  # calibrate writes the temperature into the file: into a copy
         path = Path(shutil.copy(run / "results" / "lightweight_vlm_int8.onnx", folder))
-        model, meta = lvm.open_student(path)
+        model = lvm.OnnxStudent(path)
+        meta = model.meta
         samples = lvm.load_split(root, "dev", lvm.parse_config(["--TASKS", repr(tuple(meta["labels"]))]), Counter())
         images = lvm.load_images(samples, meta["image"]["size"], cache, Counter())
         samples = [s for s in samples if s["image_row"] is not None]
@@ -34,14 +35,15 @@ def run_errors(run: Path, root: Path, cache: Path) -> dict:
         dev = lvm.Split(images, torch.from_numpy(ids), torch.from_numpy(mask), tuple(
             lvm.encode_labels(samples, task, meta["labels"][task], "dev") for task in meta["labels"]),
                         rows=torch.tensor([s["image_row"] for s in samples]))
-        report = lvm.calibrate(model, {"dev": dev}, path, list(meta["labels"]))["report"]
-    logits, cases = lvm.predict(model, dev, torch.device("cpu")), [s["group"] for s in samples]
+        logits = lvm.split_logits(model, {"dev": dev}, torch.device("cpu"), taken_apart=False)
+        report = lvm.calibrate(logits, {"dev": dev}, path, list(meta["labels"]), lvm.parse_config([]))
+    logits, cases = logits["dev"]["fused"], [s["group"] for s in samples]
     errors = {}
     for i, task in enumerate(meta["labels"]):
         labels, crossed = dev.labels[i], []
         for fit, held in GroupKFold(2).split(cases, groups=cases):
-            temperature = lvm.fit_temperature(logits[i][fit], labels[fit])
-            crossed.append([lvm.calibration_error((logits[i][held] / t).softmax(1), labels[held])
+            temperature = lvm.fit_temperature(logits[i][fit], labels[fit], lvm.TEMPERATURE_RANGE)
+            crossed.append([lvm.calibration_error((logits[i][held] / t).softmax(1), labels[held], lvm.ECE_BINS)
                             for t in (1.0, temperature)])
         errors[task] = dict(before=report[task]["dev_ece_before"], in_sample=report[task]["dev_ece_after"],
                             halves_before=statistics.mean(b for b, _ in crossed),

@@ -89,11 +89,11 @@ def epoch_speed(out: Path, cache: Path, n: int, rounds: int) -> dict:
     rows = split.rows
     held = dict(mapped=split, in_memory=lvm.Split(mapped[rows], split.ids, split.mask, split.labels,
                                                   rows=torch.arange(n)))  # the same rows, copied into memory
-    student = lvm.Student(0, 0, (2,), image_size=cfg.IMAGE_SIZE).to(memory_format=torch.channels_last)
+    student = lvm.Student(**lvm.student_kwargs(cfg, 0, 0, (2,))).to(memory_format=torch.channels_last)
     device, seconds = torch.device("cpu"), {name: [] for name in held}
     for name, data in held.items():
         data.teacher = (torch.zeros(n, 2),)
-    distiller = lvm.Distiller(student, torch.nn.ModuleDict(), image_only=False)
+    distiller = lvm.Distiller(student, torch.nn.ModuleDict(), cfg)
     optimizer = lvm.adamw(list(student.parameters()), cfg.LR, cfg.WEIGHT_DECAY, device)
     scaler, generator = lvm.grad_scaler(device, None), torch.Generator().manual_seed(0)
     for round_ in range(rounds + 1):  # the first round warms up, untimed

@@ -50,12 +50,12 @@ def training_loop(lvm, n: int = 1653, vocab: int = 4053) -> dict:
                      torch.randint(2, vocab, (n, cfg.MAX_TOKENS)), (torch.arange(cfg.MAX_TOKENS) < lengths).long(),
                      (torch.randint(0, 2, (n,)), torch.randint(0, 5, (n,))), (torch.randn(n, 2), torch.randn(n, 5)),
                      dict(text=torch.randn(n, 384))).to(device)  # MiniLM's width; no vision tower, as offline
-    student = lvm.Student(vocab, 0, (2, 5)).to(device, memory_format=torch.channels_last)  # as run() trains it
+    student = lvm.Student(**lvm.student_kwargs(cfg, vocab, 0, (2, 5))).to(device, memory_format=torch.channels_last)  # as run() trains it
     adapters = lvm.feature_adapters(student, data.features).to(device)
     optimizer = lvm.adamw([*student.parameters(), *adapters.parameters()], cfg.LR, cfg.WEIGHT_DECAY, device)
     ema, scaler = lvm.MovingAverage(student, cfg.EMA_DECAY), lvm.grad_scaler(device, amp)
     generator = torch.Generator().manual_seed(0)
-    distiller = lvm.Distiller(student, adapters, image_only=True)
+    distiller = lvm.Distiller(student, adapters, cfg)
     epoch = lambda: lvm.train_epoch(distiller, data, optimizer, None, scaler, cfg, device, amp, generator, ema)
     for _ in range(2):
         epoch()

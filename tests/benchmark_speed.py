@@ -37,7 +37,7 @@ def teacher(lvm, n_classes: tuple[int, ...]):
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, DistilBertConfig, DistilBertModel
     vision = CLIPVisionModelWithProjection(CLIPVisionConfig(patch_size=32, projection_dim=512)).eval()
     text = DistilBertModel(DistilBertConfig()).eval()
-    heads = lvm.teacher_heads(512 + text.config.dim, n_classes, lvm.HEAD_HIDDEN).eval()
+    heads = lvm.teacher_heads(512 + text.config.dim, n_classes, lvm.HEAD_HIDDEN, lvm.HEAD_DROPOUT).eval()
 
     def forward(images, ids, mask):
         hidden = text(input_ids=ids, attention_mask=mask).last_hidden_state

@@ -50,6 +50,18 @@ def read_csv(path: Path) -> list[list[str]]:
         return list(csv.reader(f))
 
 
+def make_student(lvm, vocab_size: int, n_classes: tuple = (2, 5), **settings):
+    """A Student with the CONFIG block's settings, but those given."""
+    defaults = dict(backbone_stages=lvm.BACKBONE_STAGES, image_size=lvm.IMAGE_SIZE, cnn_channels=lvm.CNN_CHANNELS,
+                    embed_dim=lvm.EMBED_DIM, lstm_hidden=lvm.LSTM_HIDDEN, fusion_dim=lvm.FUSION_DIM, dropout=lvm.DROPOUT)
+    return lvm.Student(vocab_size, 0, n_classes, **(defaults | settings))
+
+
+def student_meta(lvm, path: Path) -> dict:
+    """What a student file says of itself: the .onnx's metadata, the .pth's saved dict."""
+    return lvm.OnnxStudent(path).meta if path.suffix == ".onnx" else lvm.load_student(path)[1]
+
+
 def demo_dev_data(lvm, workdir: Path, meta: dict, split: str = "dev"):
     """The demo dev (or another) split of a run in workdir, prepared as a saved student reads it."""
     from transformers import AutoTokenizer

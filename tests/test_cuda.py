@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from benchmark_gpu import TARGETS, host_syncs
-from conftest import demo_dev_data, dtypes_seen, head_output_dtypes, read_csv
+from conftest import demo_dev_data, dtypes_seen, head_output_dtypes, make_student, read_csv
 from test_reliability import finish, start_demo, stop_message, wait_for_epochs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -72,7 +72,7 @@ def test_files_written_on_cuda_load_on_the_cpu_and_agree_with_the_gpu(lvm, cuda_
 
 
 def test_lstm_runs_in_fp32_under_autocast(lvm):
-    student = lvm.Student(vocab_size=50, pad_id=0, n_classes=(2, 5)).to(CUDA)
+    student = make_student(lvm, 50).to(CUDA)
     ids, mask = torch.randint(1, 50, (4, 16), device=CUDA), torch.ones(4, 16, dtype=torch.long, device=CUDA)
     images = torch.randn(4, 3, 64, 64, device=CUDA)
     for dtype in (torch.bfloat16, torch.float16):
@@ -87,7 +87,7 @@ def test_a_training_epoch_does_not_wait_for_the_gpu(lvm, amp):
     mean loss), none per step. cudaStreamSynchronize and .item() are what sync debug mode reports."""
     torch.manual_seed(0)
     n, size, tokens = 640, 64, 32
-    student = lvm.Student(vocab_size=100, pad_id=0, n_classes=(2, 5)).to(CUDA, memory_format=torch.channels_last)
+    student = make_student(lvm, 100).to(CUDA, memory_format=torch.channels_last)
     data = lvm.Split(torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8), torch.randint(1, 100, (n, tokens)),
                      (torch.arange(tokens) < torch.randint(0, tokens, (n, 1))).long(),
                      (torch.randint(0, 2, (n,)), torch.randint(0, 5, (n,))), (torch.randn(n, 2), torch.randn(n, 5)),
@@ -97,7 +97,7 @@ def test_a_training_epoch_does_not_wait_for_the_gpu(lvm, amp):
     optimizer = lvm.adamw([*student.parameters(), *adapters.parameters()], 1e-3, 0.05, CUDA)
     ema, scaler = lvm.MovingAverage(student, 0.99), lvm.grad_scaler(CUDA, amp)
     generator = torch.Generator().manual_seed(0)
-    distiller = lvm.Distiller(student, adapters, image_only=True)
+    distiller = lvm.Distiller(student, adapters, cfg)
     train = lambda: lvm.train_epoch(distiller, data, optimizer, None, scaler, cfg, CUDA, amp, generator, ema)
     train()  # warm-up: cuDNN's first calls choose algorithms
     syncs = host_syncs(train)

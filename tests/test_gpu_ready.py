@@ -15,7 +15,7 @@ import torch
 from packaging.requirements import Requirement
 from torch.overrides import TorchFunctionMode
 
-from conftest import ROOT
+from conftest import ROOT, make_student
 from test_pipeline import case_texts, tiny_split
 
 WHEELS = ROOT / "tests" / "gpu_wheels.txt"
@@ -103,7 +103,7 @@ def old_moving_average_update(ema, model, step: int, decay: float) -> None:
 
 def test_moving_average_with_foreach_equals_the_old_update(lvm):
     torch.manual_seed(0)
-    student = lvm.Student(vocab_size=60, pad_id=0, n_classes=(2, 5), image_size=32, backbone_stages=5)
+    student = make_student(lvm, 60, image_size=32, backbone_stages=5)
     ema = lvm.MovingAverage(student, 0.99)
     reference = copy.deepcopy(ema.module)
     images, ids, mask = torch.randn(8, 3, 32, 32), torch.randint(1, 60, (8, 6)), torch.ones(8, 6, dtype=torch.long)
@@ -162,19 +162,19 @@ def test_a_bf16_training_step_reads_nothing_back_and_copies_only_its_images_to_t
     torch.manual_seed(0)
     data = tiny_split(lvm, n=64, size=32)
     data.case_texts, data.features = case_texts(lvm, n=30), dict(image=torch.randn(64, 12), text=torch.randn(64, 10))
-    student = lvm.Student(vocab_size=50, pad_id=0, n_classes=(2, 5), image_size=32, backbone_stages=5)
+    student = make_student(lvm, 50, image_size=32, backbone_stages=5)
     adapters = lvm.feature_adapters(student, data.features)
     cfg, cpu = lvm.parse_config(["--BATCH_SIZE", "16"]), torch.device("cpu")
     optimizer = torch.optim.AdamW([*student.parameters(), *adapters.parameters()], fused=True)  # as adamw() on a GPU
-    distiller = lvm.Distiller(student, adapters, image_only=True)
+    distiller = lvm.Distiller(student, adapters, cfg)
     source, start = inspect.getsourcelines(lvm.train_epoch)
     loop = next(n for n in ast.walk(ast.parse("".join(source).strip() + "\n")) if isinstance(n, ast.For))
     inside = range(start + loop.lineno - 1, start + loop.end_lineno)
     with CallsThatWait(lvm.__file__) as recorder:
         lvm.train_epoch(distiller, data, optimizer, None, lvm.grad_scaler(cpu, torch.bfloat16), cfg, cpu,
                         torch.bfloat16, torch.Generator().manual_seed(0), lvm.MovingAverage(student, 0.99))
-    end = start + source.index(next(line for line in source if "return total.item()" in line))
-    assert ("item", end, Path(lvm.__file__).name, "train_epoch") in recorder.calls  # the one read-back at the end
+    end = start + source.index(next(line for line in source if "totals.tolist()" in line))
+    assert ("tolist", end, Path(lvm.__file__).name, "train_epoch") in recorder.calls  # the one read-back at the end
     copies = [call for call in recorder.calls if call[1] in inside and call[3] == "to_device"]
     assert [call for call in recorder.calls if call[1] in inside and call not in copies] == []
     images_line = start + source.index(next(line for line in source if "data.pixels(" in line))

@@ -1,4 +1,5 @@
 import base64
+import copy
 import gzip
 import json
 import math
@@ -14,12 +15,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import MEDPIX, assert_warm_up_then_cosine, demo_dev_data, dtypes_seen, head_output_dtypes, read_csv, write_split
+from conftest import (MEDPIX, assert_warm_up_then_cosine, demo_dev_data, dtypes_seen, head_output_dtypes, make_student,
+                      read_csv, student_meta, write_split)
 
 
 def small_student(lvm, vocab_size=50):
-    return lvm.Student(vocab_size, 0, (2, 5), backbone_stages=0, cnn_channels=(4, 8), embed_dim=8, lstm_hidden=8,
-                       fusion_dim=16)
+    return make_student(lvm, vocab_size, backbone_stages=0, cnn_channels=(4, 8), embed_dim=8, lstm_hidden=8,
+                        fusion_dim=16)
 
 
 def efficientnet_lite0_reference(weights: dict, x: torch.Tensor, stages: int, head: bool = False) -> torch.Tensor:
@@ -343,7 +345,7 @@ def test_case_texts_teach_the_location_head_to_read_text_without_an_image(lvm):
         cfg = lvm.parse_config(["--BATCH_SIZE", "16", "--IMAGE_ONLY_LOSS", "0"])
         optimizer = torch.optim.AdamW(student.parameters(), lr=1e-2)
         for _ in range(6):
-            lvm.train_epoch(lvm.Distiller(student, torch.nn.ModuleDict(), False), data, optimizer, None,
+            lvm.train_epoch(lvm.Distiller(student, torch.nn.ModuleDict(), cfg), data, optimizer, None,
                             torch.amp.GradScaler("cpu", enabled=False), cfg, torch.device("cpu"), None,
                             torch.Generator().manual_seed(0))
         student.eval()
@@ -360,16 +362,16 @@ def test_pixels_are_normalised_to_efficientnet_lite0s_minus_one_to_one(lvm):
 
 
 def test_augmentation_draws_map_to_identity_flip_and_intensity(lvm):
-    images = torch.randint(0, 256, (2, 3, 12, 12), dtype=torch.uint8)
+    images, cfg = torch.randint(0, 256, (2, 3, 12, 12), dtype=torch.uint8), lvm.parse_config([])
     neutral = [1 - 1e-7, math.log(1 / 0.9) / math.log(1.1 / 0.9), 0.5, 0.5, 0.5, 0.9, 0.5, 0.5]
     u = torch.tensor([neutral, neutral])
-    assert torch.allclose(lvm.augment_images(images, u), lvm.normalize(images), atol=1e-3)  # no crop, turn or jitter
+    assert torch.allclose(lvm.augment_images(images, u, cfg), lvm.normalize(images), atol=1e-3)  # no crop, turn or jitter
     u[1, 5] = 0.1  # flip the second image
-    assert torch.allclose(lvm.augment_images(images, u)[1], lvm.normalize(images[1].flip(-1)), atol=1e-3)
+    assert torch.allclose(lvm.augment_images(images, u, cfg)[1], lvm.normalize(images[1].flip(-1)), atol=1e-3)
     u[1, 5], u[1, 6] = 0.9, 0.0  # brightness x 0.8
-    darker = (lvm.augment_images(images, u)[1] + 1) / 2  # back from EfficientNet-Lite0's [-1, 1] to [0, 1]
+    darker = (lvm.augment_images(images, u, cfg)[1] + 1) / 2  # back from EfficientNet-Lite0's [-1, 1] to [0, 1]
     assert torch.allclose(darker, images[1].float() / 255 * 0.8, atol=1e-3)
-    varied = lvm.augment_images(images.repeat(8, 1, 1, 1), torch.rand(16, lvm.AUGMENT_DRAWS))
+    varied = lvm.augment_images(images.repeat(8, 1, 1, 1), torch.rand(16, lvm.AUGMENT_DRAWS), cfg)
     assert varied.shape == (16, 3, 12, 12) and not torch.allclose(varied[0], varied[2])
 
 
@@ -393,7 +395,7 @@ def test_a_step_the_loss_scaler_skips_moves_neither_schedule_nor_ema(lvm, init_s
     ema = lvm.MovingAverage(student, 0.9)
     before = [p.detach().clone() for p in student.parameters()]
     scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)  # 2^127 overflows every gradient: both steps skipped
-    lvm.train_epoch(lvm.Distiller(student, torch.nn.ModuleDict(), False), data, optimizer, scheduler, scaler, cfg,
+    lvm.train_epoch(lvm.Distiller(student, torch.nn.ModuleDict(), cfg), data, optimizer, scheduler, scaler, cfg,
                     torch.device("cpu"), None, torch.Generator().manual_seed(0), ema=ema)
     assert scheduler.last_epoch == steps and ema.steps == steps
     assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters())) == bool(steps)
@@ -403,9 +405,9 @@ def test_a_step_the_loss_scaler_skips_moves_neither_schedule_nor_ema(lvm, init_s
 
 
 def test_default_student_fits_the_parameter_budget(lvm):
-    student = lvm.Student(vocab_size=5021, pad_id=0, n_classes=(2, 5))  # MedPix train's vocabulary
+    student = make_student(lvm, 5021)  # MedPix train's vocabulary
     assert 1_000_000 < lvm.count_parameters(student) <= 3_000_000
-    scratch = lvm.Student(vocab_size=5021, pad_id=0, n_classes=(2, 5), backbone_stages=0)
+    scratch = make_student(lvm, 5021, backbone_stages=0)
     assert 500_000 < lvm.count_parameters(scratch) <= 1_000_000
 
 
@@ -447,7 +449,7 @@ def test_a_run_without_the_weights_package_stops_with_one_line_naming_it(lvm, mo
 
 def test_a_frozen_image_encoder_keeps_weights_and_statistics_then_learns(lvm):
     torch.manual_seed(0)
-    student = lvm.Student(50, 0, (2, 5), backbone_stages=2, image_size=32, embed_dim=8, lstm_hidden=8, fusion_dim=16)
+    student = make_student(lvm, 50, backbone_stages=2, image_size=32, embed_dim=8, lstm_hidden=8, fusion_dim=16)
     pretrained = lvm.pretrained_parameters(student, backbone=True)
     assert len(pretrained) == 1 + len(list(student.cnn.parameters()))
     assert lvm.pretrained_parameters(student, backbone=False) == [student.embedding.weight]
@@ -515,7 +517,7 @@ def test_pruning_reaches_the_asked_sparsity_and_becomes_permanent(lvm):
 
 def test_pruning_spares_frozen_layers(lvm):
     torch.manual_seed(0)
-    student = lvm.Student(50, 0, (2, 5), backbone_stages=3, image_size=32, embed_dim=8, lstm_hidden=8, fusion_dim=16)
+    student = make_student(lvm, 50, backbone_stages=3, image_size=32, embed_dim=8, lstm_hidden=8, fusion_dim=16)
     lvm.set_frozen(lvm.pretrained_parameters(student, backbone=True), True)  # a run that ends inside FREEZE_EPOCHS
     frozen = [m.weight for m in student.cnn.modules() if isinstance(m, torch.nn.Conv2d)]
     before = [w.clone() for w in frozen]
@@ -587,7 +589,7 @@ def test_teacher_features_are_cached_per_sample_and_precision(lvm, tiny_teacher,
     features = lvm.teacher_features(samples, teacher, cfg, cpu, None)
     assert features["image"].shape == (2, teacher["vision"].config.projection_dim)
     assert features["text"].shape == (2, teacher["text"].config.dim)
-    side = lvm.teacher_image_size(teacher)
+    side = lvm.teacher_image_size(teacher, cfg)
     assert side != cfg.IMAGE_SIZE and seen_sizes == [(3, side, side)]  # its own decode, not the student's copy
     stores = lambda: sorted(p.name for p in Path(cfg.CACHE_DIR).glob("*-*.pt") if not p.name.startswith("images"))
     before = stores()
@@ -605,7 +607,7 @@ def test_an_efficientnet_weights_file_is_a_vision_teacher_reading_its_head_at_22
     cfg = lvm.parse_config(["--VISION_TEACHER", str(tmp_path / "lite0.pth"), "--TEXT_TEACHER", "None",
                             "--CACHE_DIR", str(tmp_path / "cache")])
     teacher = lvm.load_teacher(cfg)
-    assert set(teacher) == {"vision"} and lvm.teacher_image_size(teacher) == 224
+    assert set(teacher) == {"vision"} and lvm.teacher_image_size(teacher, cfg) == 224
     Image.new("RGB", (300, 200), (90, 120, 30)).save(tmp_path / "a.png")
     samples = [{"image_key": "a", "image": str(tmp_path / "a.png"), "text": ""}]
     features = lvm.teacher_features(samples, teacher, cfg, torch.device("cpu"), None)["image"]
@@ -706,7 +708,7 @@ def test_demo_run_writes_every_output(lvm, demo_run):
     for name, file in (("student", "lightweight_vlm.pth"), ("student_onnx", "lightweight_vlm.onnx"),
                        ("student_onnx_int8", "lightweight_vlm_int8.onnx")):
         calibration = saved["calibration"][name]
-        assert lvm.open_student(workdir / "results" / file)[1]["temperature"] == {
+        assert student_meta(lvm, workdir / "results" / file)["temperature"] == {
             task: calibration[task]["temperature"] for task in lvm.TASKS}
         for task in lvm.TASKS:
             assert set(calibration[task]) == {"temperature"} | {f"{split}_ece_{when}" for split in ("dev", "test")
@@ -739,9 +741,58 @@ def test_the_saved_student_is_the_log_epoch_with_the_best_dev_mean_macro_f1(lvm,
     best = max(range(len(logged)), key=lambda i: logged[i][2] + logged[i][3])  # the first of equals
     model, meta = lvm.load_student(workdir / "results" / "lightweight_vlm.pth")
     data = demo_dev_data(lvm, workdir, meta)
-    dev = lvm.evaluate_logits(lvm.predict(model, data, torch.device("cpu")), data, meta["labels"])
+    dev = lvm.evaluate(lvm.predict(model, data, torch.device("cpu")), data.labels, meta["labels"])
     saved = tuple(round(float(dev[task][k]), 4) for k in ("acc", "f1") for task in lvm.TASKS)
     assert saved == logged[best]
+
+
+def scripted(values: list[float]):
+    """A stand-in that returns the next of values at each call."""
+    values = iter(values)
+    return lambda *args, **kwargs: next(values)
+
+
+def test_the_saved_student_is_the_best_dev_epoch_not_the_last(lvm, tmp_path, monkeypatch):
+    """Dev macro-F1 scripted to peak at epoch 2 of 3: the saved student is the moving average as it was after
+    epoch 2, which differs from epoch 3's."""
+    data, names = dict(train=tiny_split(lvm), dev=tiny_split(lvm, n=16)), dict(modality=["a", "b"], location=list("abcde"))
+    cfg = lvm.parse_config(["--EPOCHS", "3", "--BATCH_SIZE", "16", "--BACKBONE_STAGES", "0", "--IMAGE_ONLY_LOSS", "0",
+                            "--LOG_DIR", str(tmp_path / "logs"), "--RESULTS_DIR", str(tmp_path / "results")])
+    averaged, save_checkpoint = [], lvm.save_checkpoint
+
+    def recording(path, parts, *args):  # at every epoch's end
+        averaged.append(copy.deepcopy(parts["ema"].module.state_dict()))
+        save_checkpoint(path, parts, *args)
+    monkeypatch.setattr(lvm, "save_checkpoint", recording)
+    monkeypatch.setattr(lvm, "mean_f1", scripted([0.5, 0.9, 0.6]))
+    best = lvm.train_student(small_student(lvm), data, cfg, names, dict(data="tiny"), torch.device("cpu"), None)
+    saved = torch.load(tmp_path / "results" / "lightweight_vlm.pth", weights_only=True)["state_dict"]
+    assert best["epoch"] == 2 and [row["epoch"] for row in best["log"]] == [1, 2, 3] and len(averaged) == 3
+    assert all(torch.equal(saved[k], averaged[1][k]) for k in saved)
+    assert not all(torch.equal(saved[k], averaged[2][k]) for k in saved)
+
+
+def test_pruning_keeps_the_best_recovery_epoch_not_the_last(lvm, tmp_path, monkeypatch):
+    """Dev scores scripted (float, pruned, recovery epochs 1 and 2) to peak at recovery epoch 1: the student that is
+    made permanent and exported is epoch 1's, masked."""
+    data, cpu = dict(train=tiny_split(lvm), dev=tiny_split(lvm, n=16)), torch.device("cpu")
+    cfg = lvm.parse_config(["--BATCH_SIZE", "16", "--IMAGE_ONLY_LOSS", "0", "--PRUNE_FINETUNE_EPOCHS", "2",
+                            "--LOG_DIR", str(tmp_path / "logs"), "--RESULTS_DIR", str(tmp_path / "results")])
+    student, states, train_epoch, exported = small_student(lvm), [], lvm.train_epoch, []
+
+    def recording(model, *args):
+        train_epoch(model, *args)
+        states.append(copy.deepcopy(model.student.state_dict()))
+    monkeypatch.setattr(lvm, "train_epoch", recording)
+    monkeypatch.setattr(lvm, "selection_score", scripted([0.9, 0.5, 0.8, 0.6]))
+    monkeypatch.setattr(lvm, "export_onnx", lambda model, *args: exported.append(copy.deepcopy(model.state_dict())))
+    meta = dict(labels=dict(modality=["a", "b"], location=list("abcde")))
+    report = lvm.compress(student, data, cfg, meta, cpu, None, lvm.predict(student, data["dev"], cpu))["report"]
+    assert report["recovery_epoch"] == 1 and len(states) == 2 and report["after_recovery"]["score"] == 0.8
+    chosen = {k.removesuffix("_orig"): v * states[0][k.replace("_orig", "_mask")] if k.endswith("_orig") else v
+              for k, v in states[0].items() if not k.endswith("_mask")}
+    assert exported[0].keys() == chosen.keys() and all(torch.equal(exported[0][k], chosen[k]) for k in chosen)
+    assert not all(torch.equal(exported[0][k], states[1][k]) for k in exported[0] if k in states[1])
 
 
 def test_the_learning_rate_warms_up_for_an_epoch_then_falls_on_a_cosine(lvm, demo_run):
@@ -755,7 +806,9 @@ def test_each_file_holds_the_temperature_that_fits_its_own_dev_logits(lvm, demo_
     grid = torch.exp(torch.linspace(math.log(0.05), math.log(20), 3001))  # steps of 0.2 %
     found = {}
     for file in ("lightweight_vlm.pth", "lightweight_vlm.onnx", "lightweight_vlm_int8.onnx"):
-        model, file_meta = lvm.open_student(workdir / "results" / file)
+        path = workdir / "results" / file
+        model = lvm.OnnxStudent(path) if file.endswith(".onnx") else lvm.load_student(path)[0]
+        file_meta = student_meta(lvm, path)
         for task, logits, labels in zip(lvm.TASKS, lvm.predict(model, data, torch.device("cpu")), data.labels):
             nll = [float(F.cross_entropy(logits.double() / t, labels)) for t in grid]
             found[file, task] = float(grid[int(np.argmin(nll))])
@@ -926,24 +979,24 @@ def test_temperature_fitted_on_overconfident_logits_recovers_their_scale(lvm):
     torch.manual_seed(0)
     logits = 2 * torch.randn(5000, 4)
     labels = torch.distributions.Categorical(logits=logits).sample()  # softmax(logits) is calibrated by construction
-    temperature = lvm.fit_temperature(3 * logits, labels)
+    temperature = lvm.fit_temperature(3 * logits, labels, lvm.TEMPERATURE_RANGE)
     assert temperature == pytest.approx(3, rel=0.1)
-    before = lvm.calibration_error((3 * logits).softmax(1), labels)
-    after = lvm.calibration_error((3 * logits / temperature).softmax(1), labels)
+    before = lvm.calibration_error((3 * logits).softmax(1), labels, 15)
+    after = lvm.calibration_error((3 * logits / temperature).softmax(1), labels, 15)
     assert after < 0.03 < 0.1 < before
     right = torch.tensor([[4.0, 0.0], [0.0, 4.0]]), torch.tensor([0, 1])  # dev all right: the likelihood wants T -> 0
-    sharp = lvm.fit_temperature(*right)
+    sharp = lvm.fit_temperature(*right, lvm.TEMPERATURE_RANGE)
     assert lvm.TEMPERATURE_RANGE[0] <= sharp < 0.5 and torch.isfinite((right[0] / sharp).softmax(1)).all()
-    assert lvm.fit_temperature(right[0], 1 - right[1]) == pytest.approx(lvm.TEMPERATURE_RANGE[1], rel=1e-3)  # T -> oo
+    assert lvm.fit_temperature(right[0], 1 - right[1], lvm.TEMPERATURE_RANGE) == pytest.approx(lvm.TEMPERATURE_RANGE[1], rel=1e-3)  # T -> oo
 
 
 def test_calibration_error_weighs_each_confidence_bin_by_its_samples(lvm):
     probabilities = torch.tensor([[0.95, 0.05]] * 4 + [[0.3, 0.7]] * 2 + [[0.45, 0.55]])
     labels = torch.tensor([0, 0, 1, 1, 1, 0, 1])
-    assert lvm.reliability(probabilities, labels) == [  # bins (0.533, 0.6], (0.667, 0.733] and (0.933, 1]
+    assert lvm.reliability(probabilities, labels, 15) == [  # bins (0.533, 0.6], (0.667, 0.733] and (0.933, 1]
         (1, 1.0, pytest.approx(0.55)), (2, 0.5, pytest.approx(0.7)), (4, 0.5, pytest.approx(0.95))]
-    assert lvm.calibration_error(probabilities, labels) == pytest.approx((0.45 + 2 * 0.2 + 4 * 0.45) / 7, abs=1e-4)
-    assert lvm.reliability(torch.tensor([[0.0, 1.0]]), torch.tensor([1])) == [(1, 1.0, 1.0)]  # 1.0 is in the last bin
+    assert lvm.calibration_error(probabilities, labels, 15) == pytest.approx((0.45 + 2 * 0.2 + 4 * 0.45) / 7, abs=1e-4)
+    assert lvm.reliability(torch.tensor([[0.0, 1.0]]), torch.tensor([1]), 15) == [(1, 1.0, 1.0)]  # 1.0 is in the last bin
 
 
 def test_macro_scores_ignore_classes_that_never_occur(lvm):

@@ -5,6 +5,7 @@ maps, and no PyTorch. The DICOM files are the ones pydicom ships inside its whee
 
 import csv
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -368,6 +369,21 @@ def test_images_decode_to_the_training_pixels_in_every_mode(lvm, tmp_path):
     pixels = np.stack([predict.decode_image(str(tmp_path / "rgb.png"), 64)])
     assert np.allclose(predict.model_input(pixels, [lvm.NORM_MEAN, lvm.NORM_STD]),
                        lvm.normalize(torch.from_numpy(pixels).permute(0, 3, 1, 2)).numpy())
+
+
+def test_every_path_feeds_the_student_efficientnet_lite0s_minus_one_to_one(lvm, results):
+    """Pixels 0, 51 and 255 reach the model as -1, -0.6 and 1 (x / 127.5 - 1, by hand), as EfficientNet-Lite0's
+    ImageNet weights were trained: in predict.py through the int8 file's own metadata, in training through the
+    augmentation with its draws at identity, and in evaluation."""
+    pixels = np.array([0, 51, 255], dtype=np.uint8).reshape(1, 1, 3, 1).repeat(3, axis=3)  # N x S x S x 3
+    expected = np.array([-1.0, -0.6, 1.0], dtype=np.float32)
+    meta = predict.open_model(str(results / "lightweight_vlm_int8.onnx"))[1]
+    assert np.allclose(predict.model_input(pixels, meta["image"]["normalization"])[0, :, 0], expected[:, None])
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2)
+    neutral = torch.tensor([[1 - 1e-7, math.log(1 / 0.9) / math.log(1.1 / 0.9), 0.5, 0.5, 0.5, 0.9, 0.5, 0.5]])
+    trained = lvm.augment_images(images, neutral, lvm.parse_config([]))
+    assert np.allclose(trained[0, :, 0].numpy(), expected[:, None], atol=1e-5)
+    assert np.allclose(lvm.normalize(images)[0, :, 0].numpy(), expected[:, None])
 
 
 def test_texts_encode_to_the_training_token_indexes(lvm, demo_run, results):

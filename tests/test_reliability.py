@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import predict
-from conftest import ROOT, demo_dev_data, read_csv, write_split
+from conftest import ROOT, demo_dev_data, read_csv, student_meta, write_split
 
 SCRIPT = ROOT / "light-weight-vlm.py"
 
@@ -269,7 +269,7 @@ def test_a_whole_run_with_a_one_tower_teacher_writes_every_output(lvm, tmp_path,
                                                              "confusion_modality_epoch_1.csv",
                                                              "confusion_location_epoch_1.csv"])
     for file in models:
-        assert set(lvm.open_student(results / file)[1]["temperature"]) == set(lvm.TASKS), file
+        assert set(student_meta(lvm, results / file)["temperature"]) == set(lvm.TASKS), file
     saved = json.loads((results / "metrics.json").read_text())
     assert all(saved[name]["dev"] == metrics[name]["dev"] for name in ("student", "student_onnx_int8"))
 
