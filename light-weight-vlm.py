@@ -746,17 +746,17 @@ def train_teacher_heads(features: dict, labels: dict, n_classes: tuple[int, ...]
     heads = teacher_heads(features["train"].shape[1], n_classes, cfg.HEAD_HIDDEN, cfg.HEAD_DROPOUT)
     optimizer = torch.optim.AdamW(heads.parameters(), lr=cfg.HEAD_LR, weight_decay=cfg.HEAD_WEIGHT_DECAY)
     best_score, best_state, best_epoch = -1.0, None, -1
-    split_logits = lambda out: torch.split(out, list(n_classes), dim=1)
+    per_task = lambda out: torch.split(out, list(n_classes), dim=1)
     for epoch in progress(range(cfg.HEAD_EPOCHS), "teacher heads"):
         heads.train()
-        logits = split_logits(heads(features["train"]))
+        logits = per_task(heads(features["train"]))
         loss = sum(F.cross_entropy(lg, y) for lg, y in zip(logits, labels["train"]))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         heads.eval()
         with torch.no_grad():
-            score = selection_score(split_logits(heads(features["dev"])), labels["dev"])
+            score = selection_score(per_task(heads(features["dev"])), labels["dev"])
         if score > best_score:
             best_score, best_state, best_epoch = score, {k: v.clone() for k, v in heads.state_dict().items()}, epoch
         elif epoch - best_epoch >= cfg.HEAD_PATIENCE:
@@ -764,7 +764,7 @@ def train_teacher_heads(features: dict, labels: dict, n_classes: tuple[int, ...]
     heads.load_state_dict(best_state)
     heads.eval()
     with torch.no_grad():
-        return heads, {split: split_logits(heads(x)) for split, x in features.items()}
+        return heads, {split: per_task(heads(x)) for split, x in features.items()}
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -2101,15 +2101,17 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
     atomic_write(path, write)
 
 
+SCRIPT_SHA256 = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()  # of the code running, read when it was loaded
+
+
 def script_version() -> dict:
     """This script's sha256 (as sha256sum prints it), and the git commit of its checkout (None outside one)."""
-    here = Path(__file__).resolve()
     try:
-        commit = subprocess.run(["git", "-C", str(here.parent), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=30).stdout.strip() or None
+        commit = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"],
+                                capture_output=True, text=True, timeout=30).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
-    return dict(script_sha256=hashlib.sha256(here.read_bytes()).hexdigest(), git_commit=commit)
+    return dict(script_sha256=SCRIPT_SHA256, git_commit=commit)
 
 
 def sha256(*parts: bytes | str) -> str:

@@ -1,9 +1,11 @@
 import base64
 import copy
 import gzip
+import hashlib
 import json
 import math
 import os
+import re
 import types
 from collections import Counter
 from pathlib import Path
@@ -15,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import (MEDPIX, assert_warm_up_then_cosine, demo_dev_data, dtypes_seen, head_output_dtypes, make_student,
+from conftest import (MEDPIX, ROOT, assert_warm_up_then_cosine, demo_dev_data, dtypes_seen, head_output_dtypes, make_student,
                       read_csv, student_meta, write_split)
 
 
@@ -884,6 +886,20 @@ def test_the_student_is_taken_apart_into_image_only_and_text_only(lvm, demo_run)
     assert not torch.allclose(text_only[0], fused[0]) and not torch.allclose(image_only[1], fused[1])
     accuracy = float((text_only[1].argmax(1) == data.labels[1]).float().mean())
     assert metrics["student"]["dev"]["text_only"]["location_acc"] == pytest.approx(accuracy, abs=1e-4)
+
+
+def test_every_metrics_key_is_in_the_readmes_schema_and_the_version_is_this_script(lvm, demo_run):
+    workdir, _ = demo_run
+    saved = json.loads((workdir / "results" / "metrics.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("`metrics.json` (splits:")[1].split("\n\n")[1]
+    names = [re.escape(name).replace("<file>", r"\w+") for line in table.splitlines()[2:]
+             for name in re.findall(r"`([^`]+)`", line.split(" | ")[0])]
+    assert [key for key in saved if not any(re.fullmatch(name, key) for name in names)] == []
+    script = (ROOT / "light-weight-vlm.py").read_bytes()
+    assert saved["version"]["script_sha256"] == hashlib.sha256(script).hexdigest()
+    for file in ("lightweight_vlm.pth", "lightweight_vlm.onnx", "lightweight_vlm_int8.onnx"):
+        assert student_meta(lvm, workdir / "results" / file)["version"] == saved["version"], file
 
 
 def test_pruning_report_in_metrics_and_log(lvm, demo_run):
