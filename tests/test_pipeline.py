@@ -675,12 +675,16 @@ def test_out_of_range_values_stop_with_one_line(lvm, key, value, expected, capsy
 def test_demo_run_writes_every_output(lvm, demo_run):
     workdir, metrics = demo_run
     rows = read_csv(workdir / "logs" / "training_log.csv")
-    assert rows[0] == ["epoch", "train_loss", "val_modality_acc", "val_location_acc", "modality_precision",
+    assert rows[0] == ["epoch", "train_loss", "loss_tasks", "loss_image_only", "loss_case_texts", "loss_features",
+                       "val_modality_acc", "val_location_acc", "modality_precision",
                        "modality_recall", "modality_f1", "location_precision", "location_recall", "location_f1", "lr",
                        "pretrained_frozen", "seconds"]
     epochs = lvm.DEMO["EPOCHS"]
     assert [int(r[0]) for r in rows[1:]] == list(range(1, epochs + 1))
-    frozen = [int(r[11]) for r in rows[1:]]
+    frozen = [int(r[rows[0].index("pretrained_frozen")]) for r in rows[1:]]
+    for r in rows[1:]:  # the loss is the sum of its named parts, each of which the demo uses
+        parts = [float(r[rows[0].index(f"loss_{k}")]) for k in lvm.LOSS_PARTS]
+        assert all(p > 0 for p in parts) and sum(parts) == pytest.approx(float(r[1]), rel=1e-4)
     assert frozen == [1] * lvm.DEMO["FREEZE_EPOCHS"] + [0] * (epochs - lvm.DEMO["FREEZE_EPOCHS"])
     losses = [float(r[1]) for r in rows[1:]]
     assert losses[-1] < losses[0]
