@@ -1214,7 +1214,7 @@ AUGMENT_DRAWS = 8  # uniform numbers per sample and epoch that augment_images tu
 def augment_images(images: torch.Tensor, u: torch.Tensor, cfg) -> torch.Tensor:
     """A uint8 batch augmented on its device, each image its own way as u (N x AUGMENT_DRAWS in [0, 1)) says: crop,
     aspect, flip, rotation in one grid_sample, brightness, contrast; normalised, channels-last as the student. By hand:
-    torchvision's v2 transforms take 2.4 times as long image by image (docs/experiments.md)."""
+    torchvision's v2 transforms took 1.5-2.4 times as long image by image (docs/experiments.md)."""
     (low, high), (narrow, wide), jitter = cfg.AUGMENT_AREA, cfg.AUGMENT_ASPECT, cfg.AUGMENT_INTENSITY
     area, aspect = low + (high - low) * u[:, 0], torch.exp(math.log(narrow) + math.log(wide / narrow) * u[:, 1])
     width, height = (area * aspect).sqrt().clamp(max=1), (area / aspect).sqrt().clamp(max=1)  # crop, as fractions
@@ -1234,8 +1234,9 @@ def augment_images(images: torch.Tensor, u: torch.Tensor, cfg) -> torch.Tensor:
 
 class MovingAverage:
     """An EMA copy of a model (weights and BatchNorm statistics), its decay ramped up over the first steps. By hand:
-    torch's AveragedModel with get_ema_multi_avg_fn took 8.4 times as long per update on this CPU (2.22 against 0.27 ms,
-    tests/benchmark_library.py) and reads bool(n_averaged == 0) back per update: a host sync per step on a GPU."""
+    torch's AveragedModel with get_ema_multi_avg_fn took 8.2-8.6 times as long per update on the CPU (2.1-2.2
+    against 0.26 ms, tests/benchmark_library.py) and reads bool(n_averaged == 0) back per update: a host sync per
+    step on a GPU."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.module, self.decay, self.steps = copy.deepcopy(model).requires_grad_(False), decay, 0

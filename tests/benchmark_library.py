@@ -59,8 +59,8 @@ def main() -> None:
                           v2_per_image=lambda: torch.stack([transform(image) for image in images]),
                           v2_per_batch=lambda: transform(images)), 10)
     for title, result in (("moving average, ms per update", ema), ("augmentation, ms per batch of 32", augment)):
-        print(f"{title}: " + ", ".join(f"{name} {ms:.3f}" for name, ms in result.items()) +
-              f" (library / hand-written: {min(v for k, v in result.items() if k != 'hand_written') / result['hand_written']:.2f})")
+        base = result["hand_written"]
+        print(f"{title}: " + ", ".join(f"{name} {ms:.3f} ({ms / base:.2f} x)" for name, ms in result.items()))
 
 
 if __name__ == "__main__":
