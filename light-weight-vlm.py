@@ -75,7 +75,7 @@ IMAGE_SIZE = 112  # every image is decoded once and resized to IMAGE_SIZE x IMAG
 MAX_TOKENS = 128  # the input text is truncated to this many tokens
 # teacher: frozen backbones, features computed once per sample; small heads trained on them
 VISION_TEACHER = "openai/clip-vit-base-patch32"  # CLIP: hub id or local folder; or an EfficientNet-Lite0 weights file
-# (like BACKBONE_WEIGHTS, read at 224 px); None: no vision tower
+# (like BACKBONE_WEIGHTS, read at VISION_TEACHER_SIZE); None: no vision tower
 TEXT_TEACHER = "distilbert/distilbert-base-uncased"  # hub id or local folder; None: no text tower
 TOKENIZER = None  # the student's tokenizer (hub id or folder); None: TEXT_TEACHER's
 VISION_TEACHER_SIZE = 224  # an EfficientNet-Lite0 vision teacher reads images at this size (its ImageNet one); its
@@ -123,7 +123,8 @@ WEIGHT_DECAY = 0.05
 WARMUP_EPOCHS = 1  # linear warm-up of the learning rate, in epochs
 GRAD_CLIP = 1.0  # max global gradient norm
 AUGMENT_AREA = (0.75, 1.0)  # per image and epoch: a random crop of this fraction of the area ...
-AUGMENT_ASPECT = (0.9, 1.1)  # ... and aspect ratio, resized back; a horizontal flip half of the time ...
+AUGMENT_ASPECT = (0.9, 1.1)  # ... and aspect ratio, resized back ...
+AUGMENT_FLIP = 0.5  # ... a horizontal flip this often (0: never, where left and right must stay apart) ...
 AUGMENT_ROTATION = 10.0  # ... a rotation of up to this many degrees either way ...
 AUGMENT_INTENSITY = 0.2  # ... and brightness and contrast each scaled by up to this fraction either way
 FREEZE_EPOCHS = 5  # the student's pretrained parts (token embedding; image encoder with BACKBONE_WEIGHTS) are frozen,
@@ -247,9 +248,9 @@ def run(cfg, argv: list[str], device: torch.device) -> dict:
     if case_texts:
         taught = tuple(tasks.index(task) for task in case_tasks)
         ids, mask = tokenize(tokenizer, [t["text"] for t in case_texts], cfg.MAX_TOKENS, vocab)
-        labels = tuple(encode_labels(case_texts, task, names[task], "train") for task in case_tasks)
+        classes = tuple(encode_labels(case_texts, task, names[task], "train") for task in case_tasks)
         case_logits = teacher_logits.pop("case_texts")
-        data["train"].case_texts = CaseTexts(ids, mask, taught, labels, tuple(case_logits[i] for i in taught))
+        data["train"].case_texts = CaseTexts(ids, mask, taught, classes, tuple(case_logits[i] for i in taught))
     data = {split: dataclasses.replace(d, teacher=teacher_logits[split], features=features[split]).to(device)
             for split, d in data.items()}
     metrics = {"teacher": {s: summary(teacher_logits[s], data[s].labels, names) for s in data}}
@@ -299,7 +300,8 @@ def run(cfg, argv: list[str], device: torch.device) -> dict:
     student, _ = load_student(files["student"])
     export_onnx(student, files["student_onnx"], meta)
     logits = dict(student=split_logits(student.to(device), data, device))
-    compressed = compress(copy.deepcopy(student), data, cfg, meta, device, amp, logits["student"]["dev"]["fused"])
+    compressed = compress(copy.deepcopy(student), data, cfg, meta, device, amp, logits["student"]["dev"]["fused"],
+                          files["student_onnx_int8"])
     onnx = {name: OnnxStudent(files[name], threads=1) for name in ("student_onnx", "student_onnx_int8")}
     logits["student_onnx"] = split_logits(onnx["student_onnx"], data, cpu, taken_apart=False)  # calibrated only
     logits["student_onnx_int8"] = split_logits(onnx["student_onnx_int8"], data, cpu)
@@ -1220,7 +1222,7 @@ def augment_images(images: torch.Tensor, u: torch.Tensor, cfg) -> torch.Tensor:
     width, height = (area * aspect).sqrt().clamp(max=1), (area / aspect).sqrt().clamp(max=1)  # crop, as fractions
     shift_x, shift_y = (1 - width) * (2 * u[:, 2] - 1), (1 - height) * (2 * u[:, 3] - 1)
     angle = math.radians(cfg.AUGMENT_ROTATION) * (2 * u[:, 4] - 1)
-    flip = torch.where(u[:, 5] < 0.5, -1.0, 1.0)
+    flip = torch.where(u[:, 5] < cfg.AUGMENT_FLIP, -1.0, 1.0)
     cos, sin = angle.cos(), angle.sin()
     theta = torch.stack([torch.stack([width * flip * cos, -height * sin, shift_x], 1),
                          torch.stack([width * flip * sin, height * cos, shift_y], 1)], 1)  # output -> input coordinates
@@ -1260,9 +1262,6 @@ class MovingAverage:
     def load_state_dict(self, state: dict) -> None:
         self.module.load_state_dict(state["module"])
         self.steps = state["steps"]
-
-
-
 
 
 def adamw(parameters: list, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
@@ -1319,9 +1318,10 @@ def load_checkpoint(path: Path, parts: dict, generator: torch.Generator, setting
 
 
 def compress(student: nn.Module, data: dict[str, Split], cfg, meta: dict, device: torch.device,
-             amp: torch.dtype | None, float_dev: tuple) -> dict:
+             amp: torch.dtype | None, float_dev: tuple, path: Path) -> dict:
     """Global L1 pruning of student (in place), a recovery fine-tune whose epoch dev chooses (0: none), then int8
-    calibrated on train images; each stage's dev accuracy goes to logs/pruning.csv. float_dev: the float dev logits."""
+    calibrated on train images, written to path; each stage's dev accuracy goes to logs/pruning.csv. float_dev: the
+    float student's dev logits."""
     names, labels, train, rows = meta["labels"], [y.cpu() for y in data["dev"].labels], data["train"], []
 
     def check(stage: str, epoch: int, logits: tuple | None = None) -> dict:
@@ -1350,12 +1350,11 @@ def compress(student: nn.Module, data: dict[str, Split], cfg, meta: dict, device
     make_pruning_permanent(student)
     pick = torch.randperm(len(train), generator=generator)[:cfg.CALIBRATION_IMAGES]
     calibration = Split(train.pixels(pick), train.ids[pick].cpu(), train.mask[pick].cpu())
-    onnx_path = Path(cfg.RESULTS_DIR) / "lightweight_vlm_int8.onnx"
-    export_onnx(student, onnx_path, meta, calibration)
+    export_onnx(student, path, meta, calibration)
     accuracies = lambda result: {k: v for k, v in result.items() if k.endswith("_acc") or k == "score"}
     report = dict(amount=cfg.PRUNE_AMOUNT, sparsity=round(sparsity(student), 4), before=accuracies(before),
                   after_pruning=accuracies(pruned), after_recovery=accuracies(best), recovery_epoch=best["epoch"])
-    return dict(report=report, onnx_path=onnx_path, predicted=best["predicted"])
+    return dict(report=report, predicted=best["predicted"])
 
 
 def prunable_weights(model: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -1616,9 +1615,6 @@ def calibrate(logits: dict, data: dict[str, Split], path: Path, tasks: list[str]
     return report
 
 
-
-
-
 def result_table(metrics: dict) -> list[str]:
     """Accuracy and macro-F1 of the teacher, the student and the int8 student per split, the students taken apart."""
     columns = list(metrics["teacher"]["dev"])
@@ -1655,9 +1651,6 @@ def calibration_lines(metrics: dict) -> list[str]:
     return [f"{name.replace('_', ' ')}, ECE before -> after the temperature T fitted on dev: " +
             "; ".join(task_part(task, values) for task, values in report.items())
             for name, report in metrics["calibration"].items()]
-
-
-
 
 
 def save_figure(fig, path: Path) -> None:
@@ -1925,7 +1918,7 @@ def config_ranges(cfg: dict) -> list[tuple[str, bool, str]]:
                 "HEAD_LR", "VISION_TEACHER_SIZE", "ECE_BINS", "EMBED_DIM", "CASE_TEXT_MIN_COUNT", "LSTM_HIDDEN",
                 "FUSION_DIM", "KD_TEMPERATURE", "EPOCHS", "BATCH_SIZE", "GRAD_ACCUM_STEPS", "LR", "GRAD_CLIP",
                 "PRUNE_LR", "CALIBRATION_IMAGES", "SPEED_REPEATS")
-    fractions = ("DROPOUT", "HEAD_DROPOUT", "TEXT_DROPOUT", "LABEL_SMOOTHING", "BACKBONE_LR")
+    fractions = ("DROPOUT", "HEAD_DROPOUT", "TEXT_DROPOUT", "LABEL_SMOOTHING", "BACKBONE_LR", "AUGMENT_FLIP")
     counts = ("WARMUP_EPOCHS", "FREEZE_EPOCHS", "PRUNE_FINETUNE_EPOCHS", "WEIGHT_DECAY", "HEAD_WEIGHT_DECAY",
               "AUGMENT_ROTATION", "FEATURE_KD", "IMAGE_ONLY_LOSS", "CASE_TEXT_LOSS")
     interval = lambda pair, low, high: (len(pair) == 2 and all(isinstance(v, (int, float)) for v in pair)
@@ -2090,9 +2083,6 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 def write_json(path: Path, obj) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
-
-
-
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:

@@ -793,7 +793,8 @@ def test_pruning_keeps_the_best_recovery_epoch_not_the_last(lvm, tmp_path, monke
     monkeypatch.setattr(lvm, "selection_score", scripted([0.9, 0.5, 0.8, 0.6]))
     monkeypatch.setattr(lvm, "export_onnx", lambda model, *args: exported.append(copy.deepcopy(model.state_dict())))
     meta = dict(labels=dict(modality=["a", "b"], location=list("abcde")))
-    report = lvm.compress(student, data, cfg, meta, cpu, None, lvm.predict(student, data["dev"], cpu))["report"]
+    float_dev = lvm.predict(student, data["dev"], cpu)
+    report = lvm.compress(student, data, cfg, meta, cpu, None, float_dev, tmp_path / "int8.onnx")["report"]
     assert report["recovery_epoch"] == 1 and len(states) == 2 and report["after_recovery"]["score"] == 0.8
     chosen = {k.removesuffix("_orig"): v * states[0][k.replace("_orig", "_mask")] if k.endswith("_orig") else v
               for k, v in states[0].items() if not k.endswith("_mask")}
@@ -897,9 +898,16 @@ def test_every_metrics_key_is_in_the_readmes_schema_and_the_version_is_this_scri
     saved = json.loads((workdir / "results" / "metrics.json").read_text())
     readme = (ROOT / "README.md").read_text()
     table = readme.split("`metrics.json` (splits:")[1].split("\n\n")[1]
-    names = [re.escape(name).replace("<file>", r"\w+") for line in table.splitlines()[2:]
-             for name in re.findall(r"`([^`]+)`", line.split(" | ")[0])]
-    assert [key for key in saved if not any(re.fullmatch(name, key) for name in names)] == []
+    rows = [line.split(" | ") for line in table.splitlines()[2:]]
+    names = [re.escape(name).replace("<file>", r"\w+") for row in rows for name in re.findall(r"`([^`]+)`", row[0])]
+    assert [key for key in saved if not any(re.fullmatch(name, key) for name in names)] == []  # every key documented
+    inside, todo = set(), [saved]
+    while todo:
+        inside |= set(todo[-1])
+        todo += [v for v in todo.pop().values() if isinstance(v, dict)]
+    literal = lambda cell: [name for name in re.findall(r"`([^`]+)`", cell) if "<" not in name]
+    assert [name for row in rows for name in literal(row[0]) if name not in saved] == []  # and every one written
+    assert [name for row in rows for name in literal(row[1]) if name not in inside] == []
     script = (ROOT / "light-weight-vlm.py").read_bytes()
     assert saved["version"]["script_sha256"] == hashlib.sha256(script).hexdigest()
     for file in ("lightweight_vlm.pth", "lightweight_vlm.onnx", "lightweight_vlm_int8.onnx"):
