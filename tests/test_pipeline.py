@@ -370,6 +370,8 @@ def test_augmentation_draws_map_to_identity_flip_and_intensity(lvm):
     assert torch.allclose(lvm.augment_images(images, u, cfg), lvm.normalize(images), atol=1e-3)  # no crop, turn or jitter
     u[1, 5] = 0.1  # flip the second image
     assert torch.allclose(lvm.augment_images(images, u, cfg)[1], lvm.normalize(images[1].flip(-1)), atol=1e-3)
+    never = lvm.parse_config(["--AUGMENT_FLIP", "0"])  # where left and right must stay apart
+    assert torch.allclose(lvm.augment_images(images, u, never)[1], lvm.normalize(images[1]), atol=1e-3)
     u[1, 5], u[1, 6] = 0.9, 0.0  # brightness x 0.8
     darker = (lvm.augment_images(images, u, cfg)[1] + 1) / 2  # back from EfficientNet-Lite0's [-1, 1] to [0, 1]
     assert torch.allclose(darker, images[1].float() / 255 * 0.8, atol=1e-3)
