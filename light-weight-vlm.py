@@ -339,9 +339,10 @@ def run(cfg, argv: list[str], device: torch.device) -> dict:
     import matplotlib
     matplotlib.use("Agg")  # files only: servers have no display
     plot_learning_curves(best["log"], best["epoch"], cfg.FREEZE_EPOCHS, results / "learning_curves.png")
+    evaluated = {s: evaluate(parts["fused"], data[s].labels, names) for s, parts in logits["student"].items()}
     for task, classes in names.items():
-        plot_confusions({s: evaluate(parts["fused"], data[s].labels, names)[task]["confusion"]
-                         for s, parts in logits["student"].items()}, classes, task, results / f"confusion_{task}.png")
+        plot_confusions({s: e[task]["confusion"] for s, e in evaluated.items()}, classes, task,
+                        results / f"confusion_{task}.png")
     plot_calibration(metrics["calibration"]["student_onnx_int8"], logits["student_onnx_int8"], data, cfg.ECE_BINS,
                      "ONNX int8 student", results / "calibration.png")
     marks.append(("pictures", time.time()))
