@@ -25,17 +25,12 @@ spec.loader.exec_module(lvm)
 
 
 def teacher_features(model, tokenizer, id_lists: list[list[int]], max_tokens: int) -> torch.Tensor:
-    """The script's text_features on token ids: [CLS], the first max_tokens - 2 ids, [SEP]; mean over the tokens."""
-    rows = [[tokenizer.cls_token_id, *ids[:max_tokens - 2], tokenizer.sep_token_id] for ids in id_lists]
-    features = []
-    for chunk in (rows[i:i + 64] for i in range(0, len(rows), 64)):
-        width = max(map(len, chunk))
-        ids = torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in chunk])
-        mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in chunk])
-        with torch.no_grad():
-            hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
-        features.append((hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True))
-    return torch.cat(features)
+    """The script's own text_features, on token ids instead of texts: [CLS], the ids truncated, [SEP]."""
+    def encode(rows, **_):
+        return tokenizer.pad({"input_ids": [[tokenizer.cls_token_id, *row[:max_tokens - 2], tokenizer.sep_token_id]
+                                            for row in rows]}, return_tensors="pt")
+    return torch.cat([lvm.text_features(model, encode, id_lists[i:i + 64], max_tokens, torch.device("cpu"), None)
+                      for i in range(0, len(id_lists), 64)])
 
 
 def measure(root: Path, model, tokenizer, cfg) -> dict:
