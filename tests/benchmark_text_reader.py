@@ -38,7 +38,9 @@ def measure(root: Path, model, tokenizer, cfg) -> dict:
     case_texts, case_tasks = lvm.load_case_texts(root, cfg.CASE_TEXTS, splits["train"], cfg.TASKS)
     vocab = set(lvm.student_vocabulary(tokenizer, [s["text"] for s in splits["train"]], cfg.MAX_TOKENS,
                                        [t["text"] for t in case_texts], cfg.CASE_TEXT_MIN_COUNT))
-    ids = {s: [tokenizer(x["text"], add_special_tokens=False)["input_ids"] for x in v] for s, v in splits.items()}
+    tokens = lambda texts: [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    ids = {s: tokens([x["text"] for x in v]) for s, v in splits.items()} | dict(case_texts=tokens(
+        [t["text"] for t in case_texts]))
     as_read = [[t if t in vocab else tokenizer.unk_token_id for t in row] for row in ids["dev"]]
     read = [row[:cfg.MAX_TOKENS] for row in ids["dev"]]
     result = dict(unknown=sum(t not in vocab for row in read for t in row) / sum(map(len, read)))
@@ -49,17 +51,16 @@ def measure(root: Path, model, tokenizer, cfg) -> dict:
                     as_read=teacher_features(model, tokenizer, as_read, cfg.MAX_TOKENS))
     _, logits = lvm.train_teacher_heads(features, labels | dict(as_read=labels["dev"]),
                                         tuple(map(len, names.values())), cfg)
-    words = lambda texts: [" ".join(map(str, tokenizer(t, add_special_tokens=False)["input_ids"][:cfg.MAX_TOKENS]))
-                           for t in texts]
+    words = lambda rows: [" ".join(map(str, row[:cfg.MAX_TOKENS])) for row in rows]  # the tokens the student reads
     for i, task in enumerate(cfg.TASKS):
         result[f"teacher {task}"] = float((logits["dev"][i].argmax(1) == labels["dev"][i]).float().mean())
         result[f"teacher, the student's unknowns {task}"] = float(
             (logits["as_read"][i].argmax(1) == labels["dev"][i]).float().mean())
-        extra = [t for t in case_texts if task in case_tasks]
+        extra = case_texts if task in case_tasks else []
         vectorizer = TfidfVectorizer(token_pattern=r"\S+", ngram_range=(1, 2), sublinear_tf=True)
-        train = vectorizer.fit_transform(words([s["text"] for s in splits["train"]] + [t["text"] for t in extra]))
+        train = vectorizer.fit_transform(words(ids["train"] + (ids["case_texts"] if extra else [])))
         reader = LogisticRegression(C=10, max_iter=3000).fit(train, [s[task] for s in splits["train"] + extra])
-        predicted = reader.predict(vectorizer.transform(words([s["text"] for s in splits["dev"]])))
+        predicted = reader.predict(vectorizer.transform(words(ids["dev"])))
         result[f"linear reader {task}"] = sum(p == s[task] for p, s in zip(predicted, splits["dev"])) / len(predicted)
     return result
 
@@ -71,7 +72,8 @@ def main() -> None:
     args = parser.parse_args()
     from transformers import AutoModel, AutoTokenizer
     torch.manual_seed(0)
-    model, tokenizer = AutoModel.from_pretrained(args.TEXT_TEACHER).eval(), AutoTokenizer.from_pretrained(args.TEXT_TEACHER)
+    model = AutoModel.from_pretrained(args.TEXT_TEACHER).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.TEXT_TEACHER)
     results = []
     for folder in args.folders:
         results.append(measure(folder, model, tokenizer, lvm.parse_config(["--DATA_ROOT", str(folder)])))
