@@ -112,11 +112,12 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("benchmark_gpu: no CUDA device here")
     lvm = load_script()
+    import demo  # beside the script, on the path it set
     args.out.mkdir(parents=True, exist_ok=True)
     loop = training_loop(lvm)
     data = args.out / "data"
-    lvm.make_demo_data(data / "MedPix-2-0", seed=0, sizes=MEDPIX_SIZES)
-    lvm.make_demo_teachers(data / "tiny-clip", data / "tiny-distilbert", seed=0)
+    demo.make_demo_data(data / "MedPix-2-0", seed=0, sizes=MEDPIX_SIZES)
+    demo.make_demo_teachers(data / "tiny-clip", data / "tiny-distilbert", seed=0)
     cold, warm = whole_run(args.out, "cold"), whole_run(args.out, "cached")
     n_train = MEDPIX_SIZES["train"]
     dev = warm["metrics"]["student"]["dev"]

@@ -29,7 +29,8 @@ import importlib.util, sys, torch
 spec = importlib.util.spec_from_file_location("lvm", sys.argv[1])
 lvm = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(lvm)
-make_demo_data, epoch_plan, train_epoch = lvm.make_demo_data, lvm.epoch_plan, lvm.train_epoch
+import demo  # beside the script, on the path it set
+make_demo_data, epoch_plan, train_epoch = demo.make_demo_data, lvm.epoch_plan, lvm.train_epoch
 shares, steps = [], []
 
 def recording_plan(*args, **kwargs):
@@ -45,7 +46,7 @@ def recording_epoch(model, data, optimizer, *args, **kwargs):  # after each epoc
         torch.save(dict(shares=shares, parameters=parameters, steps=steps), f"rank{lvm.rank_and_world()[0]}.pt")
     return loss
 
-lvm.make_demo_data = lambda root, seed: make_demo_data(root, seed, dict(train=201, dev=60, test=60))
+demo.make_demo_data = lambda root, seed: make_demo_data(root, seed, dict(train=201, dev=60, test=60))
 lvm.epoch_plan, lvm.train_epoch = recording_plan, recording_epoch
 lvm.main(sys.argv[2:])
 """

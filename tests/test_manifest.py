@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+import demo
 from benchmark_accuracy import write_manifest, write_manifest_folds
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,8 +26,8 @@ def demo_data(lvm, tmp_path_factory):
     """The demo data set in the MedPix 2.0 layout, the same as a CSV manifest (with a third task, region: upper for
     head and thorax, else lower), and the demo's tiny teachers."""
     root = tmp_path_factory.mktemp("data")
-    lvm.make_demo_data(root / "medpix", 7, dict(train=90, dev=30, test=30))
-    lvm.make_demo_teachers(root / "clip", root / "bert", 7)
+    demo.make_demo_data(root / "medpix", 7, dict(train=90, dev=30, test=30))
+    demo.make_demo_teachers(root / "clip", root / "bert", 7)
     manifest = write_manifest(root / "medpix", root / "manifest", ("train", "dev", "test"))
     for split in ("train", "dev", "test"):
         with open(manifest / f"{split}.csv", newline="") as f:
@@ -90,7 +91,7 @@ def test_three_tasks_image_only_train_and_predict_without_a_tokenizer(lvm, demo_
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     row = json.loads(done.stdout)
-    assert {row["modality"], row["location"], row["region"]} <= {"CT", "MR", *lvm.DEMO_LOCATIONS, "upper", "lower"}
+    assert {row["modality"], row["location"], row["region"]} <= {"CT", "MR", *demo.LOCATIONS, "upper", "lower"}
     assert not row["with_text"]
     done = subprocess.run(command + ["--text", "axial ct of the brain"], capture_output=True, text=True, env=env)
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [

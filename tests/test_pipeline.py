@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import demo
 from conftest import (MEDPIX, ROOT, assert_warm_up_then_cosine, demo_dev_data, dtypes_seen, head_output_dtypes, make_student,
                       read_csv, student_meta, write_split)
 
@@ -540,7 +541,7 @@ def test_pruning_spares_frozen_layers(lvm):
 @pytest.fixture(scope="module")
 def tiny_teacher(lvm, tmp_path_factory):
     folder = tmp_path_factory.mktemp("teachers")
-    lvm.make_demo_teachers(folder / "clip", folder / "distilbert", seed=0)
+    demo.make_demo_teachers(folder / "clip", folder / "distilbert", seed=0)
     cfg = lvm.parse_config(["--VISION_TEACHER", str(folder / "clip"), "--TEXT_TEACHER", str(folder / "distilbert"),
                             "--CACHE_DIR", str(folder / "cache"), "--IMAGE_SIZE", "48"])
     return cfg, lvm.load_teacher(cfg)
@@ -645,8 +646,8 @@ def test_config_overrides_by_name(lvm, capsys):
     assert cfg.EPOCHS == 3 and cfg.VISION_TEACHER is None and cfg.LR == 1.0 and isinstance(cfg.LR, float)
     assert cfg.DATA_ROOT == "some/path" and cfg.TEXT_TEACHER == lvm.TEXT_TEACHER and not cfg.demo
     assert "EPOCHS" in lvm.CONFIG_KEYS and "TOKENIZER" in lvm.CONFIG_KEYS and "F" not in lvm.CONFIG_KEYS
-    demo = lvm.parse_config(["--demo", "--EPOCHS", "2"])
-    assert demo.EPOCHS == 2 and demo.DATA_ROOT == lvm.DEMO["DATA_ROOT"]
+    demo_cfg = lvm.parse_config(["--demo", "--EPOCHS", "2"])
+    assert demo_cfg.EPOCHS == 2 and demo_cfg.DATA_ROOT == lvm.DEMO["DATA_ROOT"]
     assert lvm.parse_config(["--TEXT_TEACHER", "123", "--TOKENIZER", "tok"]).TEXT_TEACHER == "123"  # a folder name
     for bad, message in ((["--EPOCHS", "three"], f"--EPOCHS: expected a value like {lvm.EPOCHS}, got 'three'"),
                          (["--EPOCHS", "2.5"], f"--EPOCHS: expected a value like {lvm.EPOCHS}"),
@@ -690,7 +691,7 @@ def test_demo_run_writes_every_output(lvm, demo_run):
     assert frozen == [1] * lvm.DEMO["FREEZE_EPOCHS"] + [0] * (epochs - lvm.DEMO["FREEZE_EPOCHS"])
     losses = [float(r[1]) for r in rows[1:]]
     assert losses[-1] < losses[0]
-    for task, names in (("modality", ["CT", "MR"]), ("location", sorted(lvm.DEMO_LOCATIONS))):
+    for task, names in (("modality", ["CT", "MR"]), ("location", sorted(demo.LOCATIONS))):
         for epoch in range(1, epochs + 1):
             table = read_csv(workdir / "logs" / f"confusion_{task}_epoch_{epoch}.csv")
             assert table[0][1:] == names and [r[0] for r in table[1:]] == names

@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+import demo
 import predict
 from conftest import ROOT, demo_dev_data, read_csv, student_meta, write_split
 
@@ -33,7 +34,7 @@ def stop_message(call) -> str:
 @pytest.fixture
 def small_medpix(lvm, tmp_path) -> Path:
     root = tmp_path / "MedPix-2-0"
-    lvm.make_demo_data(root, seed=0, sizes=dict(train=12, dev=6, test=6))
+    demo.make_demo_data(root, seed=0, sizes=dict(train=12, dev=6, test=6))
     return root
 
 
@@ -166,7 +167,7 @@ def test_one_class_train_split_and_unseen_dev_label_stop(lvm, small_medpix, tmp_
     dev_cases = [json.loads(line) for line in (small_medpix / "splitted_dataset" / "data_dev.jsonl").read_text().splitlines()]
     write_split(small_medpix, "dev", dev_cases, [dev[0] | {"Location Category": "Elbow"}] + dev[1:])
     teachers = tmp_path / "teachers"
-    lvm.make_demo_teachers(teachers / "clip", teachers / "bert", seed=0)
+    demo.make_demo_teachers(teachers / "clip", teachers / "bert", seed=0)
     message = stop_message(lambda: lvm.main(["--DATA_ROOT", str(small_medpix), "--VISION_TEACHER", str(teachers / "clip"),
                                              "--TEXT_TEACHER", str(teachers / "bert"), "--CACHE_DIR", str(tmp_path / "c")]))
     assert "split 'dev' has location label(s) ['Elbow'] that the train split never has" in message
@@ -176,7 +177,7 @@ def test_missing_or_incomplete_model_folder_stops_naming_the_setting(lvm, tmp_pa
     from transformers import AutoModel
     message = stop_message(lambda: lvm.load_pretrained(AutoModel, str(tmp_path / "no_model"), "TEXT_TEACHER"))
     assert f"cannot load TEXT_TEACHER='{tmp_path / 'no_model'}'" in message
-    lvm.make_demo_teachers(tmp_path / "clip", tmp_path / "bert", seed=0)
+    demo.make_demo_teachers(tmp_path / "clip", tmp_path / "bert", seed=0)
     for weights in (tmp_path / "bert").glob("model.safetensors"):
         weights.unlink()
     message = stop_message(lambda: lvm.load_pretrained(AutoModel, str(tmp_path / "bert"), "TEXT_TEACHER"))
@@ -225,7 +226,7 @@ def test_bad_command_line_stops_with_usage_and_one_error_line(lvm, capsys, argv,
 
 def small_run(lvm, tmp_path: Path, root: Path, *settings: str) -> dict:
     """A whole run of one short epoch on small data with tiny teachers; every output under tmp_path."""
-    lvm.make_demo_teachers(tmp_path / "clip", tmp_path / "bert", seed=0)
+    demo.make_demo_teachers(tmp_path / "clip", tmp_path / "bert", seed=0)
     out = [a for k in ("CACHE_DIR", "LOG_DIR", "RESULTS_DIR") for a in (f"--{k}", str(tmp_path / k))]
     return lvm.main(["--DATA_ROOT", str(root), "--VISION_TEACHER", str(tmp_path / "clip"), "--TEXT_TEACHER",
                      str(tmp_path / "bert"), "--IMAGE_SIZE", "32", "--EPOCHS", "1", "--HEAD_EPOCHS", "5",
@@ -234,7 +235,7 @@ def small_run(lvm, tmp_path: Path, root: Path, *settings: str) -> dict:
 
 def test_skips_are_counted_printed_and_stored_by_a_whole_run(lvm, tmp_path, capsys):
     root = tmp_path / "MedPix-2-0"
-    lvm.make_demo_data(root, seed=0, sizes=dict(train=60, dev=15))
+    demo.make_demo_data(root, seed=0, sizes=dict(train=60, dev=15))
     descriptions = root / "splitted_dataset" / "descriptions_train.jsonl"
     records = [json.loads(line) for line in descriptions.read_text().splitlines()]
     records[0]["Type"] = None
@@ -254,7 +255,7 @@ def test_skips_are_counted_printed_and_stored_by_a_whole_run(lvm, tmp_path, caps
 @pytest.mark.parametrize("without", ["vision", "text"])
 def test_a_whole_run_with_a_one_tower_teacher_writes_every_output(lvm, tmp_path, without):
     root = tmp_path / "MedPix-2-0"
-    lvm.make_demo_data(root, seed=0, sizes=dict(train=60, dev=15))
+    demo.make_demo_data(root, seed=0, sizes=dict(train=60, dev=15))
     settings = dict(vision=["--VISION_TEACHER", "None"],
                     text=["--TEXT_TEACHER", "None", "--TOKENIZER", str(tmp_path / "bert")])[without]
     metrics = small_run(lvm, tmp_path, root, *settings)
@@ -403,7 +404,7 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(lvm, tmp_path):
 
 
 def test_changed_text_or_teacher_recomputes_only_what_changed(lvm, tmp_path, monkeypatch):
-    lvm.make_demo_teachers(tmp_path / "clip", tmp_path / "bert", seed=0)
+    demo.make_demo_teachers(tmp_path / "clip", tmp_path / "bert", seed=0)
     cfg = lvm.parse_config(["--VISION_TEACHER", "None", "--TEXT_TEACHER", str(tmp_path / "bert"),
                             "--CACHE_DIR", str(tmp_path / "cache")])
     teacher = lvm.load_teacher(cfg)
