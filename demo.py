@@ -17,9 +17,9 @@ from PIL import Image, ImageDraw, ImageFilter
 
 LOCATIONS = ("Head", "Thorax", "Abdomen", "Spine and Muscles", "Reproductive and Urinary System")
 WORDS = {"Head": "brain skull head", "Thorax": "chest lung thorax", "Abdomen": "abdomen liver bowel",
-              "Spine and Muscles": "spine vertebra lumbar", "Reproductive and Urinary System": "pelvis bladder kidney"}
+         "Spine and Muscles": "spine vertebra lumbar", "Reproductive and Urinary System": "pelvis bladder kidney"}
 FILLER = ("patient presented with pain for two weeks", "image shows a lesion with mild enhancement",
-               "no acute findings were noted", "follow up study after treatment", "history of trauma and fever")
+          "no acute findings were noted", "follow up study after treatment", "history of trauma and fever")
 
 
 def demo_image(rng: random.Random, modality: str, location: str) -> Image.Image:
@@ -124,12 +124,12 @@ def make_demo_teachers(vision_dir: Path | None, text_dir: Path | None, seed: int
 def renamed_into(folder: Path):
     """A private temporary folder beside folder to write into; then each file it holds is renamed into its place in
     folder, whole: a run reading folder meanwhile (two demo runs started together, torchrun's processes) never sees a
-    half-written file. Interrupted, nothing is moved."""
+    half-written file. Interrupted while writing, nothing is moved; while renaming, some files are (each whole)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}-") as tmp:
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp") as tmp:
         yield Path(tmp)
-        for file in sorted(Path(tmp).rglob("*")):
+        for file in sorted(Path(tmp).rglob("*")):  # images/ before splitted_dataset/: a record's image is there first
             if file.is_file():
                 (folder / file.relative_to(tmp)).parent.mkdir(parents=True, exist_ok=True)
                 os.replace(file, folder / file.relative_to(tmp))

