@@ -68,9 +68,8 @@ def main() -> None:
     expected = {text: [lg.argmax(1) for lg in lvm.predict(reference, dev, cpu, with_text=text)] for text in (True, False)}
     with tempfile.TemporaryDirectory() as folder:
         files = {}
-        for name, quantize in (("static", lambda source, data: lvm.quantize_onnx(source, data, lvm.deployment.ONNX_INPUTS)),
-                               ("dynamic beyond the convolutions",
-                                                              dynamic_beyond_the_convolutions)):
+        static = lambda source, data: lvm.quantize_onnx(source, data, lvm.deployment.ONNX_INPUTS)
+        for name, quantize in (("static", static), ("dynamic beyond the convolutions", dynamic_beyond_the_convolutions)):
             work = Path(folder) / name
             work.mkdir()
             source = Path(shutil.copy(args.results / "lightweight_vlm.onnx", work / "float.onnx"))
