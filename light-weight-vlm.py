@@ -22,6 +22,7 @@ import dataclasses
 import datetime
 import gzip
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -33,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+import timeit
 import warnings
 from collections import Counter
 from contextlib import contextmanager, nullcontext, redirect_stdout
@@ -158,6 +160,7 @@ SPLITS = ("train", "dev", "test")
 RESERVED_NAMES = ("image", "group", "images", "ids", "mask", "frame", "with_text", "error", "dicom_modality",
                   "dicom_body_part")  # manifest columns, ONNX inputs and predict.py's own output fields: no task's
 AMP_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+INTERRUPTED = []  # set by the Ctrl-C handler (on_ctrl_c), so that an interrupt Python had to drop still stops the run
 
 
 # -----------------------------------------------------------------------------
@@ -169,7 +172,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     if argv[:1] == ["predict"]:
         fail("predict is a program of its own, without PyTorch: python predict.py " + shlex.join(argv[1:]))
     cfg = parse_config(argv)
-    require("onnx", "onnxruntime")  # the ONNX students are written after training
+    if missing := [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]:  # used after training
+        fail(f"{' and '.join(missing)} not installed: pip install -r requirements.txt")
     device, rank = start_processes(cfg)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, on_ctrl_c)
@@ -179,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         if INTERRUPTED:
             raise KeyboardInterrupt
         if dist.is_initialized():  # the others wait for process 0 to finish, so that all leave the group together
-            wait_for_process_zero()
+            dist.barrier(group=WAIT_FOR_ZERO[0])
         return metrics
     except KeyboardInterrupt:
         checkpoint = Path(cfg.RESULTS_DIR) / "checkpoint.pt"
@@ -205,9 +209,6 @@ def on_ctrl_c(signum, frame) -> None:
     """Python drops a KeyboardInterrupt raised in a finalizer: the flag is read again at epoch ends and at run end."""
     INTERRUPTED.append(signum)
     raise KeyboardInterrupt
-
-
-INTERRUPTED = []  # set by the Ctrl-C handler, so that an interrupt Python had to drop still stops the run
 
 
 def run(cfg, argv: list[str], device: torch.device) -> dict:
@@ -259,8 +260,7 @@ def run(cfg, argv: list[str], device: torch.device) -> dict:
     marks.append(("teacher", time.time()))
 
     # student
-    pad = vocab.index(pad_token_id(tokenizer)) if vocab else 0
-    kwargs = student_kwargs(cfg, len(vocab), pad, n_classes)
+    kwargs = student_kwargs(cfg, len(vocab), vocab.index(pad_token_id(tokenizer)) if vocab else 0, n_classes)
     rare = f", and those the case texts hold {cfg.CASE_TEXT_MIN_COUNT}+ times" if case_texts else ""
     print(f"student vocabulary: the {len(vocab):,} token ids of the train inputs{rare} (of {len(tokenizer):,}); "
           f"any other reads as {tokenizer.unk_token!r}" if tokenizer else "student: image only (TEXT_COLUMNS is ())")
@@ -580,7 +580,7 @@ def load_images(samples: list[dict], size: int, cache_dir: Path, skipped: Counte
         index, pending = {key: row for row, key in enumerate(keys)}, []
         with open(path, "ab") as f, open(keys_path, "ab") as keys_file:
             for file, width in ((f, row_bytes), (keys_file, 65)):  # what an interrupted run wrote after its last key
-                if os.fstat(file.fileno()).st_size != len(keys) * width:
+                if os.fstat(file.fileno()).st_size != len(keys) * width:  # truncate() would touch an unchanged file
                     file.truncate(len(keys) * width)
             todo = {s["image_key"]: s["image"] for s in samples if s["image_key"] and s["image_key"] not in index}
             for n, (key, image) in enumerate(progress(todo.items(), f"decoding images at {size} px"), 1):
@@ -675,16 +675,11 @@ def load_teacher(cfg) -> dict:
     return teacher
 
 
-def teacher_image_size(teacher: dict, cfg) -> int:
-    return int(teacher["processor"].crop_size["height"]) if "processor" in teacher else cfg.VISION_TEACHER_SIZE
-
-
 def image_features(teacher: dict, images: torch.Tensor, device: torch.device, amp: torch.dtype | None) -> torch.Tensor:
-    if "processor" not in teacher:
-        with torch.no_grad(), autocast(device, amp):
-            return teacher["vision"](normalize(images.to(device))).mean((2, 3)).float().cpu()
-    pixels = teacher["processor"](images=list(images), return_tensors="pt")["pixel_values"].to(device)
     with torch.no_grad(), autocast(device, amp):
+        if "processor" not in teacher:  # an EfficientNet-Lite0 teacher: the mean of its head's channels
+            return teacher["vision"](normalize(images.to(device))).mean((2, 3)).float().cpu()
+        pixels = teacher["processor"](images=list(images), return_tensors="pt")["pixel_values"].to(device)
         out = teacher["vision"].get_image_features(pixel_values=pixels)
     return (out if torch.is_tensor(out) else out.pooler_output).float().cpu()  # transformers 5: an output object
 
@@ -708,8 +703,9 @@ def teacher_features(samples: list[dict], teacher: dict, cfg, device: torch.devi
     cache_dir, precision, parts = Path(cfg.CACHE_DIR), f"{device.type}-{amp_name(amp)}", {}
     if "vision" in teacher:
         teacher["vision"].to(device)
-        size, paths = teacher_image_size(teacher, cfg), {s["image_key"]: s["image"] for s in samples}
+        size = int(teacher["processor"].crop_size["height"]) if "processor" in teacher else cfg.VISION_TEACHER_SIZE
         pooling = "clip-projection" if "processor" in teacher else "mean-of-head"
+        paths = {s["image_key"]: s["image"] for s in samples}
         key = settings_key(model=model_identity(cfg.VISION_TEACHER), size=size, pooling=pooling, precision=precision)
         extract = lambda x: image_features(teacher, torch.stack([decode_image(p, size) for p in x]), device, amp)
         store = cached(cache_dir / f"vision-{key}.pt", list(paths), lambda keys: batched_features(
@@ -764,8 +760,7 @@ def train_teacher_heads(features: dict, labels: dict, n_classes: tuple[int, ...]
             best_score, best_state, best_epoch = score, {k: v.clone() for k, v in heads.state_dict().items()}, epoch
         elif epoch - best_epoch >= cfg.HEAD_PATIENCE:
             break
-    heads.load_state_dict(best_state)
-    heads.eval()
+    heads.load_state_dict(best_state)  # in eval mode since the last epoch's dev score
     with torch.no_grad():
         return heads, {split: per_task(heads(x)) for split, x in features.items()}
 
@@ -789,13 +784,12 @@ def efficientnet(stages: int, image_size: int, weights: str | None = None, head:
         load_efficientnet_weights(net, weights)
     top = (net.conv_head, net.bn2) if head else ()
     body = nn.Sequential(net.conv_stem, net.bn1, *net.blocks[:stages], *top).eval()
-    sizes = {}
-    hooks = [m.register_forward_pre_hook(lambda m, x: sizes.__setitem__(m, x[0].shape[-2:]))
-             for m in body.modules() if isinstance(m, Conv2dSame)]
+    sizes = {}  # each 'SAME' convolution's input size, from one pass; its hook goes with it when it is replaced below
+    for m in body.modules():
+        if isinstance(m, Conv2dSame):
+            m.register_forward_pre_hook(lambda m, x: sizes.__setitem__(m, x[0].shape[-2:]))
     with torch.no_grad():
         body(torch.zeros(1, 3, image_size, image_size))
-    for hook in hooks:
-        hook.remove()
     for name, m in list(body.named_modules()):
         if isinstance(m, Conv2dSame):
             layer = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, 0, m.dilation, m.groups,
@@ -937,11 +931,6 @@ def pretrained_parameters(student: Student, backbone: bool) -> list[nn.Parameter
     return [*embedding, *(student.cnn.parameters() if backbone else ())]
 
 
-def set_frozen(parameters: list[nn.Parameter], frozen: bool) -> None:
-    for p in parameters:
-        p.requires_grad_(not frozen)
-
-
 def pad_token_id(tokenizer) -> int:
     return tokenizer.pad_token_id or 0
 
@@ -1042,19 +1031,16 @@ class Distiller(nn.Module):
         """batch: images, ids, mask, lengths, targets, features, case_texts ((ids, mask, lengths, targets) or None)."""
         student, cfg, case_texts = self.student, self.cfg, batch["case_texts"]
         vectors = student.embed(batch["images"], batch["ids"], batch["mask"], batch["lengths"])
-        logits = [student.classify(vectors)]
+        parts = dict(tasks=self.task_loss(student.classify(vectors), batch["targets"]))
         if self.image_only:
-            logits.append(student.classify(dict(vectors, text=torch.zeros_like(vectors["text"]))))
-        with torch.autocast(batch["images"].device.type, enabled=False):  # fp32, like the teacher's features
-            adapted = {tower: adapter(vectors[tower].float()) for tower, adapter in self.adapters.items()}
-        case_logits = None if case_texts is None else student.classify_text(*case_texts[:3])
-        parts = dict(tasks=self.task_loss(logits[0], batch["targets"]))
-        if self.image_only:
-            parts["image_only"] = cfg.IMAGE_ONLY_LOSS * self.task_loss(logits[1], batch["targets"])
-        if case_logits is not None:
-            parts["case_texts"] = cfg.CASE_TEXT_LOSS * self.task_loss(case_logits, case_texts[3])
-        if adapted:
-            with torch.autocast(batch["images"].device.type, enabled=False):
+            logits = student.classify(dict(vectors, text=torch.zeros_like(vectors["text"])))
+            parts["image_only"] = cfg.IMAGE_ONLY_LOSS * self.task_loss(logits, batch["targets"])
+        if case_texts is not None:
+            parts["case_texts"] = cfg.CASE_TEXT_LOSS * self.task_loss(student.classify_text(*case_texts[:3]),
+                                                                      case_texts[3])
+        if self.adapters:
+            with torch.autocast(batch["images"].device.type, enabled=False):  # fp32, like the teacher's features
+                adapted = {tower: adapter(vectors[tower].float()) for tower, adapter in self.adapters.items()}
                 parts["features"] = cfg.FEATURE_KD * feature_loss(adapted, batch["features"], batch["mask"].sum(1) > 0)
         return sum(parts.values()), parts
 
@@ -1100,7 +1086,8 @@ def train_student(student: nn.Module, data: dict[str, Split], cfg, names: dict, 
         start = time.time()
         frozen = epoch <= cfg.FREEZE_EPOCHS
         if pretrained and pretrained[0].requires_grad == frozen:
-            set_frozen(pretrained, frozen)
+            for p in pretrained:
+                p.requires_grad_(not frozen)
             pretrained_parts = " and ".join(["token embedding"] * student.reads_text + ["image encoder"] * backbone)
             tqdm.write(f"epoch {epoch}: {pretrained_parts} {'frozen' if frozen else 'unfrozen'}")
             model = None  # DistributedDataParallel takes the parameters that need gradients when it is built
@@ -1388,8 +1375,6 @@ def load_student(path: str | Path) -> tuple[nn.Module, dict]:
     return model.eval(), checkpoint
 
 
-
-
 def export_onnx(model: nn.Module, path: Path, meta: dict, calibration: Split | None = None) -> None:
     """The student as ONNX (batch and text length free) with predict.py's INPUT_CONTRACT, labels, vocabulary and
     tokenizer in its metadata, so predict.py needs the file alone; int8 (quantize_onnx) given calibration samples.
@@ -1477,11 +1462,7 @@ def cpu_speed(model: Callable, size: int, vocab_size: int, max_tokens: int, repe
         images = torch.randn(batch, 3, size, size, generator=generator)
         inputs = (images, torch.randint(1, vocab_size, (batch, max_tokens), generator=generator),
                   torch.ones(batch, max_tokens, dtype=torch.long)) if vocab_size else (images,)
-        times = []
-        for _ in range(2 + runs):  # the first two warm up
-            start = time.perf_counter()
-            model(*inputs)
-            times.append(time.perf_counter() - start)
+        times = timeit.repeat(lambda: model(*inputs), number=1, repeat=2 + runs)  # the first two warm up
         return float(np.median(times[2:]))
 
     threads = torch.get_num_threads()
@@ -1541,8 +1522,7 @@ def evaluate(logits: tuple, labels: tuple, names: dict) -> dict[str, dict]:
 
 
 def summary(logits: tuple, labels: tuple, names: dict) -> dict[str, float]:
-    metrics = evaluate(logits, labels, names)
-    return {f"{task}_{k}": round(metrics[task][k], 4) for task in names for k in ("acc", "f1")}
+    return {f"{task}_{k}": round(m[k], 4) for task, m in evaluate(logits, labels, names).items() for k in ("acc", "f1")}
 
 
 def split_summary(logits: dict, data: dict[str, Split], names: dict) -> dict:
@@ -1662,8 +1642,7 @@ def plot_learning_curves(log: list[dict], best_epoch: int, freeze_epochs: int, p
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    for ax in axes[1]:
-        ax.set_xlabel("epoch")
+    fig.supxlabel("epoch")
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -1713,8 +1692,7 @@ def markdown_table(header: list, rows: list[list]) -> list[str]:
 def write_report(path: Path, argv: list[str], cfg, data: dict, names: dict, metrics: dict, stages: dict) -> None:
     changed = [[f"`{k}`", f"`{getattr(cfg, k)!r}`", f"`{globals()[k]!r}`"] for k in CONFIG_KEYS
                if getattr(cfg, k) != globals()[k]]
-    command = shlex.join(["python", "light-weight-vlm.py", *argv])
-    lines = ["# light-weight-vlm run report", "", "```", command, "```", "",
+    lines = ["# light-weight-vlm run report", "", "```", shlex.join(["python", "light-weight-vlm.py", *argv]), "```", "",
              "## Constants that differ from the defaults", ""]
     lines += markdown_table(["constant", "value", "default"], changed) if changed else ["none"]
     for i, task in enumerate(names):
@@ -1745,25 +1723,22 @@ def fail(message: str) -> None:
     raise SystemExit(f"light-weight-vlm: error: {message}")
 
 
-def setting_parser(key: str) -> Callable[[str], object]:
+def parse_setting(key: str, text: str):
     """Command-line text to a value of the same type as the constant's default."""
     default = globals()[key]
-
-    def parse(text: str):
-        if default is None or isinstance(default, str):  # a path or a hub id; None switches it off
-            return None if text == "None" else text
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text
-        if isinstance(default, float) and type(value) is int:
-            value = float(value)
-        if isinstance(default, tuple) and not isinstance(value, tuple):  # --TASKS plane --KD_ALPHA 0.5: a tuple of one
-            value = (value,)
-        if type(value) is not type(default):
-            raise argparse.ArgumentTypeError(f"expected a value like {default!r}, got {text!r}")
-        return value
-    return parse
+    if default is None or isinstance(default, str):  # a path or a hub id; None switches it off
+        return None if text == "None" else text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    if isinstance(default, float) and type(value) is int:
+        value = float(value)
+    if isinstance(default, tuple) and not isinstance(value, tuple):  # --TASKS plane --KD_ALPHA 0.5: a tuple of one
+        value = (value,)
+    if type(value) is not type(default):
+        raise argparse.ArgumentTypeError(f"expected a value like {default!r}, got {text!r}")
+    return value
 
 
 def parse_config(argv: list[str]) -> argparse.Namespace:
@@ -1775,8 +1750,8 @@ def parse_config(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted run from RESULTS_DIR/checkpoint.pt (same settings)")
     for key in CONFIG_KEYS:
-        parser.add_argument(f"--{key}", type=setting_parser(key), default=argparse.SUPPRESS, metavar="VALUE",
-                            help=f"default: {globals()[key]!r}")
+        parser.add_argument(f"--{key}", type=lambda text, key=key: parse_setting(key, text), metavar="VALUE",
+                            default=argparse.SUPPRESS, help=f"default: {globals()[key]!r}")
     overrides = vars(parser.parse_args(argv))
     demo, resume = overrides.pop("demo"), overrides.pop("resume")
     cfg = {key: globals()[key] for key in CONFIG_KEYS} | (DEMO if demo else {}) | overrides
@@ -1803,7 +1778,9 @@ def config_ranges(cfg: dict) -> list[tuple[str, bool, str]]:
     smallest = 2 ** len(channels)  # each from-scratch CNN block halves the side, and the last must keep a pixel
     return ([(k, cfg[k] > 0, "> 0") for k in positive] + [(k, 0 <= cfg[k] <= 1, "in [0, 1]") for k in fractions]
             + [(k, cfg[k] >= 0, ">= 0") for k in counts]
-            + [(k, 0 <= cfg[k] < 1, "in [0, 1)") for k in ("PRUNE_AMOUNT", "EMA_DECAY")] + [
+            + [(k, 0 <= cfg[k] < 1, "in [0, 1)") for k in ("PRUNE_AMOUNT", "EMA_DECAY", "AUGMENT_INTENSITY")]
+            + [(k, interval(cfg[k], 0, math.inf), "(low, high) with 0 < low <= high")
+               for k in ("AUGMENT_ASPECT", "TEMPERATURE_RANGE")] + [
         ("CNN_CHANNELS", len(channels) > 0 and all(isinstance(c, int) and c > 0 for c in channels),
          "a tuple of positive widths"),
         ("BACKBONE_STAGES", cfg["BACKBONE_STAGES"] in range(8), "one of 0 (no backbone) to 7 (all stages)"),
@@ -1817,18 +1794,7 @@ def config_ranges(cfg: dict) -> list[tuple[str, bool, str]]:
         ("CASE_TEXTS", all(isinstance(g, tuple) and g and all(isinstance(f, str) for f in g) for g in groups),
          "a tuple of groups of Case field names, like (('Title', 'Findings'),)"),
         ("AUGMENT_AREA", interval(cfg["AUGMENT_AREA"], 0, 1), "(low, high) with 0 < low <= high <= 1"),
-        ("AUGMENT_ASPECT", interval(cfg["AUGMENT_ASPECT"], 0, math.inf), "(low, high) with 0 < low <= high"),
-        ("AUGMENT_INTENSITY", 0 <= cfg["AUGMENT_INTENSITY"] < 1, "in [0, 1)"),
-        ("TEMPERATURE_RANGE", interval(cfg["TEMPERATURE_RANGE"], 0, math.inf), "(low, high) with 0 < low <= high"),
         ("AMP_DTYPE", cfg["AMP_DTYPE"] in AMP_DTYPES, "one of " + ", ".join(AMP_DTYPES))])
-
-
-def require(*modules: str) -> None:
-    """Stop with one line, before any work, when a package this run needs later is not installed."""
-    import importlib.util
-    missing = [m for m in modules if importlib.util.find_spec(m) is None]
-    if missing:
-        fail(f"{', '.join(missing)} not installed: pip install -r requirements.txt")
 
 
 def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
@@ -1882,19 +1848,15 @@ def rank_and_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def wait_for_process_zero() -> None:
-    dist.barrier(group=WAIT_FOR_ZERO[0])
-
-
 @contextmanager
 def rank_zero_first():
     """Process 0 runs the block first (making demo data, caches), then the others find it made. Alone: the block."""
     rank, world = rank_and_world()
     if rank > 0:
-        wait_for_process_zero()
+        dist.barrier(group=WAIT_FOR_ZERO[0])
     yield
     if world > 1 and rank == 0:
-        wait_for_process_zero()
+        dist.barrier(group=WAIT_FOR_ZERO[0])
 
 
 def progress(iterable, desc: str):

