@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         fail("predict is a program of its own, without PyTorch: python predict.py " + shlex.join(argv[1:]))
     cfg = parse_config(argv)
     if missing := [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]:  # used after training
-        fail(f"{' and '.join(missing)} not installed: pip install -r requirements.txt")
+        fail(f"{', '.join(missing)} not installed: pip install -r requirements.txt")
     device, rank = start_processes(cfg)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, on_ctrl_c)
@@ -785,16 +785,16 @@ def efficientnet(stages: int, image_size: int, weights: str | None = None, head:
     top = (net.conv_head, net.bn2) if head else ()
     body = nn.Sequential(net.conv_stem, net.bn1, *net.blocks[:stages], *top).eval()
     sizes = {}  # each 'SAME' convolution's input size, from one pass; its hook goes with it when it is replaced below
-    for m in body.modules():
+    for name, m in body.named_modules():
         if isinstance(m, Conv2dSame):
-            m.register_forward_pre_hook(lambda m, x: sizes.__setitem__(m, x[0].shape[-2:]))
+            m.register_forward_pre_hook(lambda m, x, name=name: sizes.__setitem__(name, x[0].shape[-2:]))
     with torch.no_grad():
         body(torch.zeros(1, 3, image_size, image_size))
     for name, m in list(body.named_modules()):
         if isinstance(m, Conv2dSame):
             layer = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, 0, m.dilation, m.groups,
                               bias=m.bias is not None)
-            plain = nn.Sequential(nn.ZeroPad2d(pad_same_arg(sizes[m], m.kernel_size, m.stride, m.dilation)), layer)
+            plain = nn.Sequential(nn.ZeroPad2d(pad_same_arg(sizes[name], m.kernel_size, m.stride, m.dilation)), layer)
         elif isinstance(m, BatchNormAct2d):  # ReLU6 as ReLU then a clip at 6, which int8 fuses
             layer = nn.BatchNorm2d(m.num_features, m.eps, m.momentum)
             act = (nn.ReLU(), nn.Hardtanh(0.0, 6.0)) if isinstance(m.act, nn.ReLU6) else (m.act,)
@@ -1730,7 +1730,7 @@ def parse_setting(key: str, text: str):
         return None if text == "None" else text
     try:
         value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, TypeError):  # TypeError: an unhashable key, as in {[]: 1}
         value = text
     if isinstance(default, float) and type(value) is int:
         value = float(value)

@@ -453,10 +453,15 @@ def test_a_weights_file_of_another_network_stops_with_one_line(lvm, tmp_path):
 
 def test_a_run_without_the_onnx_packages_stops_before_any_work(lvm, monkeypatch, tmp_path):
     import importlib.util
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else find_spec(name, *a))
-    with pytest.raises(SystemExit, match=r"error: onnxruntime not installed: pip install -r requirements.txt$"):
-        lvm.main(["--DATA_ROOT", str(tmp_path / "nowhere")])  # the ONNX students are written after training
+    find_spec, missing = importlib.util.find_spec, []
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in missing else find_spec(name, *a))
+    monkeypatch.setattr(lvm, "start_processes", lambda cfg: pytest.fail("work started"))
+    folders = [f"--{key}={tmp_path / key}" for key in ("DATA_ROOT", "CACHE_DIR", "LOG_DIR", "RESULTS_DIR")]
+    for absent, named in ((["onnxruntime"], "onnxruntime"), (["onnx", "onnxruntime"], "onnx, onnxruntime")):
+        missing[:] = absent
+        with pytest.raises(SystemExit, match=f"error: {named} not installed: pip install -r requirements.txt$"):
+            lvm.main(folders)  # the ONNX students are written after training
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_run_without_the_weights_package_stops_with_one_line_naming_it(lvm, monkeypatch, tmp_path):
@@ -675,6 +680,7 @@ def test_config_overrides_by_name(lvm, capsys):
     assert lvm.parse_config(["--TEXT_TEACHER", "123", "--TOKENIZER", "tok"]).TEXT_TEACHER == "123"  # a folder name
     for bad, message in ((["--EPOCHS", "three"], f"--EPOCHS: expected a value like {lvm.EPOCHS}, got 'three'"),
                          (["--EPOCHS", "2.5"], f"--EPOCHS: expected a value like {lvm.EPOCHS}"),
+                         (["--EPOCHS", "{[]: 1}"], f"--EPOCHS: expected a value like {lvm.EPOCHS}, got '{{[]: 1}}'"),
                          (["--NOT_A_SETTING", "1"], "unrecognized arguments: --NOT_A_SETTING")):
         with pytest.raises(SystemExit):
             lvm.parse_config(bad)
@@ -803,6 +809,25 @@ def test_the_saved_student_is_the_best_dev_epoch_not_the_last(lvm, tmp_path, mon
     assert best["epoch"] == 2 and [row["epoch"] for row in best["log"]] == [1, 2, 3] and len(averaged) == 3
     assert all(torch.equal(saved[k], averaged[1][k]) for k in saved)
     assert not all(torch.equal(saved[k], averaged[2][k]) for k in saved)
+
+
+def test_the_token_embedding_stays_frozen_for_freeze_epochs_then_learns(lvm, tmp_path, monkeypatch):
+    """FREEZE_EPOCHS 2 of 3, no image encoder weights: the token embedding is the same after epochs 1 and 2 as at the
+    start, and changes in epoch 3; the LSTM learns from the first epoch."""
+    data, names = dict(train=tiny_split(lvm), dev=tiny_split(lvm, n=16)), dict(modality=["a", "b"], location=list("abcde"))
+    cfg = lvm.parse_config(["--EPOCHS", "3", "--FREEZE_EPOCHS", "2", "--BATCH_SIZE", "16", "--BACKBONE_STAGES", "0",
+                            "--LOG_DIR", str(tmp_path / "logs"), "--RESULTS_DIR", str(tmp_path / "results")])
+    student, save_checkpoint = small_student(lvm), lvm.save_checkpoint
+    weights = lambda model: (model.embedding.weight.detach().clone(), model.lstm.weight_ih_l0.detach().clone())
+    seen = [weights(student)]
+
+    def recording(path, parts, *args):  # at every epoch's end
+        seen.append(weights(parts["student"]))
+        save_checkpoint(path, parts, *args)
+    monkeypatch.setattr(lvm, "save_checkpoint", recording)
+    lvm.train_student(student, data, cfg, names, dict(data="tiny"), torch.device("cpu"), None)
+    assert [torch.equal(embedding, seen[0][0]) for embedding, _ in seen[1:]] == [True, True, False]
+    assert not any(torch.equal(lstm, seen[0][1]) for _, lstm in seen[1:])
 
 
 def test_pruning_keeps_the_best_recovery_epoch_not_the_last(lvm, tmp_path, monkeypatch):
